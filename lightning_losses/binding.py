@@ -1,0 +1,114 @@
+"""Resolve the arguments of a model or a loss by the names of its parameters.
+
+The rule ``LossModule`` documents: each parameter of ``forward`` (of ``__call__`` when a class overrides
+it, as the guide's protocol does) is looked up under ``rename.get(name, name)`` among the sources, in
+order (model outputs before the batch). Parameters with a default may be missing; required ones may
+not: the error names the parameter, the callee and every key that was available.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+__all__ = ["Binding", "callable_signature"]
+
+_SKIPPED_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def callable_signature(module: nn.Module) -> inspect.Signature:
+    """The signature that calling ``module(...)`` really has: ``__call__`` if overridden, else ``forward``."""
+    fn: Callable[..., Any] = (
+        module.__call__ if type(module).__call__ is not nn.Module.__call__ else module.forward
+    )
+    return inspect.signature(fn)
+
+
+class Binding:
+    """The parameters of a callable and how to fill them by name.
+
+    >>> import torch
+    >>> binding = Binding(torch.nn.MSELoss(), rename={"input": "preds"})
+    >>> args, kwargs = binding.bind([{"preds": torch.zeros(2)}, {"target": torch.ones(2)}])
+    >>> sorted(kwargs)
+    ['input', 'target']
+    """
+
+    def __init__(self, module: nn.Module, rename: Mapping[str, str] | None = None) -> None:
+        self.name = type(module).__name__
+        self.rename = dict(rename or {})
+        params = [p for p in callable_signature(module).parameters.values() if p.kind not in _SKIPPED_KINDS]
+        self.parameters = params
+        unknown = set(self.rename) - {p.name for p in params}
+        if unknown:
+            raise ValueError(
+                f"the rename map names {sorted(unknown)}, which are not parameters of "
+                f"{self.name}; its parameters are {[p.name for p in params]}"
+            )
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.parameters]
+
+    @property
+    def required(self) -> list[str]:
+        return [p.name for p in self.parameters if p.default is inspect.Parameter.empty]
+
+    def source_key(self, name: str) -> str:
+        return self.rename.get(name, name)
+
+    def bind(
+        self,
+        sources: list[Mapping[str, Any]],
+        special: Mapping[str, Callable[[], Any]] | None = None,
+        source_names: tuple[str, ...] = ("model outputs", "batch"),
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Positional-only values and keyword values for a call, looked up by name.
+
+        ``special`` maps parameter names to thunks that produce the value (``data``, ``model``, global
+        counts); they are evaluated only when the callable asks for them and are not renamed.
+        """
+        special = special or {}
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for param in self.parameters:
+            if param.name in special and param.name not in self.rename:
+                value = special[param.name]()
+            else:
+                key = self.source_key(param.name)
+                for source in sources:
+                    if key in source:
+                        value = source[key]
+                        break
+                else:
+                    if param.default is not inspect.Parameter.empty:
+                        continue
+                    raise self.missing_error(param.name, sources, source_names, special)
+            if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+                args.append(value)
+            else:
+                kwargs[param.name] = value
+        return args, kwargs
+
+    def missing_error(
+        self,
+        name: str,
+        sources: list[Mapping[str, Any]],
+        source_names: tuple[str, ...],
+        special: Mapping[str, Any],
+    ) -> ValueError:
+        key = self.source_key(name)
+        looked_up = f"'{key}'" if key == name else f"'{key}' (renamed from '{name}')"
+        available = "; ".join(
+            f"{label} have keys {sorted(map(str, source))}"
+            for label, source in zip(source_names, sources, strict=False)
+        )
+        specials = f"; special names are {sorted(special)}" if special else ""
+        return ValueError(
+            f"{self.name} needs the input `{name}`, looked up as {looked_up}, but it was not found: "
+            f"{available}{specials}. Map it to an available key, e.g. {{'{name}': '<key>'}} in the "
+            "rename map (`input_map` for a loss, `model_input_map` for a model)."
+        )

@@ -1,0 +1,43 @@
+"""The ``lightning-losses`` command: LightningCLI over ``LossModule`` and any LightningDataModule.
+
+lightning-losses fit --config configs/digits_cross_entropy.yaml
+lightning-losses test --config configs/digits_cross_entropy.yaml --ckpt_path last
+lightning-losses fit --config configs/digits_cross_entropy.yaml --print_config
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_losses.module import LossModule
+
+__all__ = ["LossCLI", "build_cli", "main"]
+
+
+class LossCLI(LightningCLI):
+    """LightningCLI with ``LossModule`` as the model and a ``class_path`` data module."""
+
+
+def build_cli(args: Sequence[str] | None = None, run: bool = True) -> LossCLI:
+    """The CLI object; ``args`` replaces ``sys.argv[1:]`` (for tests and notebooks)."""
+    return LossCLI(
+        LossModule,
+        pl.LightningDataModule,
+        subclass_mode_data=True,
+        args=list(args) if args is not None else None,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``lightning-losses`` console script."""
+    build_cli(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,399 @@
+"""``LossModule``: one LightningModule for any model and any loss.
+
+How a step finds its inputs
+---------------------------
+1. The batch becomes a dict: a mapping stays as it is; a tuple/list is named by ``batch_keys``
+   (default ``("inputs", "target")``, what a ``TensorDataset`` yields); a tensor is ``batch_keys[0]``.
+2. The model is called with its ``forward`` parameters looked up by name in the batch (renamed by
+   ``model_input_map``). A model with a single required parameter the batch does not name gets
+   ``batch[batch_keys[0]]`` (so ``nn.Sequential`` and torchvision-style ``forward(x)`` work as they are).
+3. The model's result becomes the *outputs*: a dict stays as it is; a tensor is stored under
+   ``output_key`` (default ``"logits"``).
+4. The loss is called with its ``forward`` parameters (``__call__``'s, when a class overrides it as the
+   guide's protocol does) looked up by name in outputs, then batch (renamed by ``input_map``). Special
+   names: ``data`` (the whole batch), ``model`` (the model), ``global_valid_toks`` and
+   ``global_valid_seqs`` (the numbers of valid tokens / sequences of the global batch, summed over
+   DDP ranks, from the batch keys ``loss.token_mask_key`` / ``loss.sample_mask_key``, defaults
+   ``token_mask`` / ``sample_mask``; without a sample mask every sequence counts).
+   Half-precision floating inputs are cast to float32 first (losses compute in fp32).
+
+Exact DDP gradients
+-------------------
+DDP averages gradients over ranks. A ``TOKEN_LEVEL``/``SEQUENCE_LEVEL`` loss is a rank's *share* of the
+global batch's loss (its sum divided by the global count), so the backward pass uses
+``world_size × loss``: after DDP's average, the gradient is exactly the gradient of the whole global
+batch's loss in one process. Logged values of the loss (and of ``loss.partial_metrics``) are scaled the
+same way, so their epoch means, synced over ranks, equal a single-process run's. Losses without a
+``loss_type`` (``torch.nn.CrossEntropyLoss``) are means over their own rank's batch, as usual.
+
+Non-finite losses (``nan_policy``)
+----------------------------------
+The finite check reads one flag per step (summed over ranks first, so every rank decides alike).
+``"raise"``: ``FloatingPointError`` on every rank. ``"skip"``: the step's gradients are zeroed (a
+zero-valued loss connected to every parameter is backpropagated, so DDP's gradient reduction still
+completes) and the optimizer step that would include them is not taken; ``train/skipped_steps``
+counts them. ``"warn"``: like ``"skip"`` and a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+
+from lightning_losses.binding import Binding
+from lightning_losses.metrics import MetricAggregator
+from lightning_losses.protocol import LossType, split_output
+
+try:  # set by LightningCLI while it instantiates the module: the config (class paths) to save
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+except ImportError:  # pragma: no cover - older/newer Lightning without it
+    _given_hyperparameters = None
+
+__all__ = ["LossModule"]
+
+Stage = Literal["train", "val", "test"]
+_STAGES: tuple[Stage, ...] = ("train", "val", "test")
+_MODULE_ARGUMENTS = ["model", "loss", "optimizer", "lr_scheduler", "metrics"]
+
+
+class LossModule(pl.LightningModule):
+    """Train any ``model`` with any ``loss``; log every metric the loss returns.
+
+    Args:
+        model: the network. Called with its ``forward`` parameters resolved by name from the batch.
+        loss: any ``nn.Module`` loss: a library loss returning ``LossOutput``, a loss written to the
+            guide's protocol, or a plain ``torch.nn`` loss returning a tensor (logged as ``loss``).
+        optimizer: a callable taking the parameters (model's and loss's trainable ones).
+        lr_scheduler: a callable taking the optimizer, or None.
+        metrics: task metrics computed on ``outputs[preds_key]`` against ``batch[target_key]``,
+            logged per stage as ``<stage>/<name>`` at epoch end.
+        input_map: loss parameter name → key in the model outputs or batch.
+        model_input_map: model parameter name → key in the batch.
+        output_key: the name of a model's tensor output.
+        batch_keys: names of the elements of a tuple/list batch.
+        preds_key / target_key: where the task metrics read predictions and targets.
+        nan_policy: what a non-finite training loss does: ``"raise"``, ``"skip"`` or ``"warn"``.
+        lr_scheduler_interval / lr_scheduler_monitor: how Lightning steps the scheduler.
+        upcast_inputs: cast fp16/bf16 floating loss inputs to float32.
+
+    Metrics are logged as ``train/<key>`` (each step, this rank's value, no sync),
+    ``train/<key>_epoch``, ``val/<key>`` and ``test/<key>`` (epoch means synced over ranks).
+
+    Example:
+        >>> import torch
+        >>> from lightning.pytorch import Trainer
+        >>> data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+        >>> module = LossModule(
+        ...     torch.nn.Linear(4, 3), torch.nn.CrossEntropyLoss(), input_map={"input": "logits"}
+        ... )
+        >>> trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+        ...                   enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
+        >>> sorted(trainer.callback_metrics)
+        ['train/loss', 'train/loss_epoch']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        metrics: MetricCollection | dict[str, Metric] | None = None,
+        input_map: dict[str, str] | None = None,
+        model_input_map: dict[str, str] | None = None,
+        output_key: str = "logits",
+        batch_keys: Sequence[str] = ("inputs", "target"),
+        preds_key: str = "logits",
+        target_key: str = "target",
+        nan_policy: Literal["raise", "skip", "warn"] = "raise",
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_monitor: str = "val/loss",
+        upcast_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if _given_hyperparameters is not None and _given_hyperparameters.get() is not None:
+            self.save_hyperparameters()  # under LightningCLI: class paths, so checkpoints rebuild
+        else:
+            self.save_hyperparameters(ignore=_MODULE_ARGUMENTS)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(loss, nn.Module):
+            raise TypeError(f"`loss` must be an nn.Module, got {type(loss).__name__}")
+        if nan_policy not in ("raise", "skip", "warn"):
+            raise ValueError(f"`nan_policy` must be 'raise', 'skip' or 'warn', got {nan_policy!r}")
+        if len(batch_keys) == 0:
+            raise ValueError("`batch_keys` must name at least one element")
+        self.model = model
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.output_key = output_key
+        self.batch_keys = tuple(batch_keys)
+        self.preds_key = preds_key
+        self.target_key = target_key
+        self.nan_policy = nan_policy
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.lr_scheduler_monitor = lr_scheduler_monitor
+        self.upcast_inputs = upcast_inputs
+        self.loss_binding = Binding(loss, input_map)
+        self.model_binding = Binding(model, model_input_map)
+        # per stage: `<stage>_loss_metrics` (a MeanMetric per loss metric key) and `<stage>_task_metrics`
+        if metrics is not None and not isinstance(metrics, MetricCollection):
+            metrics = MetricCollection(dict(metrics))
+        self.has_task_metrics = metrics is not None
+        for stage in _STAGES:
+            setattr(self, f"{stage}_loss_metrics", MetricAggregator())
+            if metrics is not None:
+                setattr(self, f"{stage}_task_metrics", metrics.clone(prefix=f"{stage}/"))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._skip_pending_step = False
+
+    # ------------------------------------------------------------------------------------------------
+    # inputs
+    # ------------------------------------------------------------------------------------------------
+
+    def batch_as_dict(self, batch: Any) -> dict[str, Any]:
+        """The batch as a dict (see the module docstring for tuples and tensors)."""
+        if isinstance(batch, Mapping):
+            return dict(batch)
+        if isinstance(batch, Tensor):
+            return {self.batch_keys[0]: batch}
+        if isinstance(batch, (tuple, list)):
+            if len(batch) != len(self.batch_keys):
+                raise ValueError(
+                    f"a batch of {len(batch)} elements needs as many names, but `batch_keys` is "
+                    f"{list(self.batch_keys)}; set `batch_keys` or yield dicts"
+                )
+            return dict(zip(self.batch_keys, batch, strict=True))
+        raise TypeError(f"a batch must be a dict, tuple, list or tensor, got {type(batch).__name__}")
+
+    def forward(self, batch: Any) -> dict[str, Any]:
+        """Run the model on a batch; returns its outputs as a dict."""
+        batch = self.batch_as_dict(batch)
+        binding = self.model_binding
+        sources = [batch]
+        required = binding.required
+        if (
+            len(required) == 1
+            and binding.source_key(required[0]) not in batch
+            and self.batch_keys[0] in batch
+        ):
+            sources = [{binding.source_key(required[0]): batch[self.batch_keys[0]]}, batch]
+        args, kwargs = binding.bind(sources, source_names=("inputs", "batch"))
+        out = self.model(*args, **kwargs)
+        if isinstance(out, Mapping):
+            return dict(out)
+        if isinstance(out, Tensor):
+            return {self.output_key: out}
+        raise TypeError(
+            f"{type(self.model).__name__} returned a {type(out).__name__}; a model must return a "
+            "tensor or a dict of outputs (wrap it to name a tuple's elements)"
+        )
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        if self._world_size() == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+
+    def global_valid_counts(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """``(global_valid_toks, global_valid_seqs)`` of this step, summed over ranks in one all-reduce.
+
+        Integer counts when the masks are bool/integer, float32 when a mask holds weights.
+        """
+        token_key = getattr(self.loss, "token_mask_key", "token_mask")
+        sample_key = getattr(self.loss, "sample_mask_key", "sample_mask")
+        token_mask = batch.get(token_key)
+        sample_mask = batch.get(sample_key)
+        device = self.device
+        if sample_mask is not None:
+            seqs = sample_mask.sum(dtype=torch.float64)
+        else:
+            first = next((v for v in batch.values() if isinstance(v, Tensor) and v.ndim > 0), None)
+            seqs = torch.tensor(0 if first is None else first.shape[0], dtype=torch.float64, device=device)
+        if token_mask is not None:
+            weights = token_mask
+            if sample_mask is not None:
+                weights = token_mask * sample_mask.reshape(-1, *([1] * (token_mask.ndim - 1)))
+            toks = weights.sum(dtype=torch.float64)
+        else:
+            toks = torch.full((), float("nan"), dtype=torch.float64, device=device)
+        counts = self._all_reduce_sum(torch.stack([toks.to(device), seqs.to(device)]))
+        masks = [m for m in (token_mask, sample_mask) if m is not None]
+        integral = all(not m.is_floating_point() for m in masks)
+        counts = counts.round().long() if integral and token_mask is not None else counts.float()
+        return counts[0], counts[1]
+
+    def _loss_inputs(self, batch: dict[str, Any], outputs: dict[str, Any]) -> tuple[list, dict]:
+        counts: dict[str, Tensor] = {}
+
+        def count(name: str) -> Callable[[], Tensor]:
+            def thunk() -> Tensor:
+                if not counts:
+                    counts["toks"], counts["seqs"] = self.global_valid_counts(batch)
+                value = counts[name]
+                if name == "toks" and value.is_floating_point() and torch.isnan(value):
+                    key = getattr(self.loss, "token_mask_key", "token_mask")
+                    raise ValueError(
+                        f"{type(self.loss).__name__} needs `global_valid_toks`, counted from the batch "
+                        f"key '{key}', but the batch has keys {sorted(batch)}; add the token mask or "
+                        "set `token_mask_key` on the loss"
+                    )
+                return value
+
+            return thunk
+
+        special = {
+            "data": lambda: batch,
+            "model": lambda: self.model,
+            "global_valid_toks": count("toks"),
+            "global_valid_seqs": count("seqs"),
+        }
+        args, kwargs = self.loss_binding.bind([outputs, batch], special=special)
+        if self.upcast_inputs:
+            args = [_upcast(v) for v in args]
+            kwargs = {k: v if k in ("data", "model") else _upcast(v) for k, v in kwargs.items()}
+        return args, kwargs
+
+    # ------------------------------------------------------------------------------------------------
+    # steps
+    # ------------------------------------------------------------------------------------------------
+
+    def _is_globally_normalized(self) -> bool:
+        return isinstance(getattr(self.loss, "loss_type", None), LossType)
+
+    def _step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+        batch = self.batch_as_dict(batch)
+        outputs = self(batch)
+        args, kwargs = self._loss_inputs(batch, outputs)
+        loss, metrics = split_output(self.loss(*args, **kwargs))
+        if loss.ndim != 0:
+            raise ValueError(
+                f"{type(self.loss).__name__} returned a loss of shape {tuple(loss.shape)}; "
+                "it must be a scalar (use reduction='mean' or 'sum')"
+            )
+        if self._is_globally_normalized():
+            scale = self._world_size()
+            if scale != 1:
+                partial = {"loss", *getattr(self.loss, "partial_metrics", ())}
+                loss = loss * scale
+                metrics = {k: v * scale if k in partial else v for k, v in metrics.items()}
+        metrics = {k: v.to(self.device) for k, v in metrics.items()}
+        return loss, metrics, outputs, batch
+
+    def _log_metrics(self, stage: Stage, metrics: Mapping[str, Tensor]) -> None:
+        aggregator: MetricAggregator = getattr(self, f"{stage}_loss_metrics")
+        for key, metric in aggregator.update(metrics).items():
+            attribute = f"{stage}_loss_metrics.{aggregator.attribute(key)}"
+            name = f"{stage}/{key}_epoch" if stage == "train" else f"{stage}/{key}"
+            shown = key == "loss"
+            if stage == "train":  # this rank's step value: no sync
+                self.log(f"train/{key}", metrics[key], on_step=True, on_epoch=False, prog_bar=shown)
+                shown = False
+            self.log(name, metric, on_step=False, on_epoch=True, metric_attribute=attribute, prog_bar=shown)
+
+    def _update_task_metrics(
+        self, stage: Stage, outputs: Mapping[str, Any], batch: Mapping[str, Any]
+    ) -> None:
+        if not self.has_task_metrics:
+            return
+        if self.preds_key not in outputs or self.target_key not in batch:
+            raise ValueError(
+                f"task metrics read outputs['{self.preds_key}'] and batch['{self.target_key}'], but the "
+                f"outputs have keys {sorted(outputs)} and the batch has keys {sorted(batch)}; "
+                "set `preds_key` / `target_key`"
+            )
+        collection: MetricCollection = getattr(self, f"{stage}_task_metrics")
+        collection.update(outputs[self.preds_key].detach(), batch[self.target_key])
+        self.log_dict(collection, on_step=False, on_epoch=True)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, metrics, outputs, batch = self._step(batch)
+        nonfinite = self._all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.float32))
+        if bool(nonfinite > 0):  # the one host read per step: every rank takes the same branch
+            return self._non_finite_step(loss, int(nonfinite))
+        self._log_metrics("train", metrics)
+        self._update_task_metrics("train", outputs, batch)
+        return loss
+
+    def _non_finite_step(self, loss: Tensor, ranks: int) -> Tensor:
+        message = (
+            f"non-finite training loss ({loss.detach().float().item()} on rank {self.global_rank}; "
+            f"{ranks} rank(s) affected) at global step {self.global_step}"
+        )
+        if self.nan_policy == "raise":
+            raise FloatingPointError(message + "; set nan_policy='skip' to skip such steps")
+        if self.nan_policy == "warn":
+            rank_zero_warn(message + "; skipping the optimizer step")
+        self._skip_pending_step = True
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        if self.nan_policy == "raise" or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        result = optimizer_closure()  # forward + backward of the last batch of the window
+        if self._skip_pending_step:
+            self._skip_pending_step = False
+            self.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step(closure=lambda: result)
+        self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+        return None
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step("test", batch)
+
+    def _eval_step(self, stage: Stage, batch: Any) -> Tensor:
+        loss, metrics, outputs, batch = self._step(batch)
+        self._log_metrics(stage, metrics)
+        self._update_task_metrics(stage, outputs, batch)
+        return loss
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self(batch)
+
+    # ------------------------------------------------------------------------------------------------
+    # optimization
+    # ------------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.lr_scheduler_interval,
+                "monitor": self.lr_scheduler_monitor,
+            },
+        }
+
+
+def _upcast(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+        return value.float()
+    return value

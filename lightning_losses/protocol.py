@@ -1,0 +1,247 @@
+"""The loss protocol: ``LossType``, ``LossOutput``, ``LossFunction`` and shared input checks.
+
+A loss is an ``nn.Module`` whose ``forward`` returns ``LossOutput(loss, metrics)``: a 0-dim loss tensor
+and a dict of **detached 0-dim tensors** to log. A loss whose ``loss_type`` is ``TOKEN_LEVEL`` or
+``SEQUENCE_LEVEL`` divides a *sum* by ``global_valid_toks`` / ``global_valid_seqs`` (the counts of the
+whole global batch, over micro-batches and data-parallel ranks), so that the partial losses of the
+pieces add up to the loss of the whole batch.
+
+The checks here raise ``ValueError``/``TypeError`` naming the argument and what was seen. Shape and dtype
+checks cost nothing. Checks that read values (target range, NaN/inf) would be a host-device sync on an
+accelerator, so by default they run only on CPU tensors; ``set_value_checks("always" | "never")``
+changes that globally.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LossFunction",
+    "LossOutput",
+    "LossType",
+    "check_class_targets",
+    "check_finite",
+    "check_floating",
+    "check_mask",
+    "check_ndim",
+    "check_same_leading_dims",
+    "check_same_shape",
+    "set_value_checks",
+    "value_checks_enabled",
+]
+
+
+class LossType(str, enum.Enum):
+    """How a loss is normalized over the global batch (NeMo RL's convention).
+
+    ``TOKEN_LEVEL``: a sum over valid tokens divided by ``global_valid_toks``.
+    ``SEQUENCE_LEVEL``: a sum over valid sequences divided by ``global_valid_seqs``.
+    """
+
+    TOKEN_LEVEL = "token_level"
+    SEQUENCE_LEVEL = "sequence_level"
+
+
+class LossOutput(NamedTuple):
+    """What a loss returns: ``loss, metrics = loss_fn(...)`` unpacks it.
+
+    ``loss`` is a 0-dim tensor to backpropagate; ``metrics`` maps names to detached 0-dim tensors.
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+def _ensure_module_initialized(init):
+    """Wrap a subclass ``__init__`` so that ``nn.Module.__init__`` has run before its body.
+
+    This lets the guide's protocol be written verbatim: ``def __init__(self, config): self.alpha = ...``
+    without ``super().__init__()``.
+    """
+
+    @functools.wraps(init)
+    def wrapped(self, *args: Any, **kwargs: Any) -> None:
+        if "_parameters" not in self.__dict__:
+            nn.Module.__init__(self)
+        init(self, *args, **kwargs)
+
+    return wrapped
+
+
+class LossFunction(nn.Module):
+    """Base class of every loss: an ``nn.Module`` with a ``loss_type``.
+
+    Class attributes a subclass may set:
+
+    - ``loss_type``: ``LossType.TOKEN_LEVEL``, ``LossType.SEQUENCE_LEVEL`` or ``None`` (a loss that
+      averages over its own inputs, like ``torch.nn.MSELoss``).
+    - ``token_mask_key`` / ``sample_mask_key``: the batch keys ``LossModule`` counts to compute
+      ``global_valid_toks`` / ``global_valid_seqs``.
+    - ``partial_metrics``: metric keys that, like the loss itself, are divided by a global count and so
+      are *partial sums* on one rank; they are summed over ranks when logged. The ``loss`` key of a
+      token/sequence-level loss always is.
+
+    ``forward`` may be written as the guide's protocol (also as ``__call__``, without calling
+    ``super().__init__()``)::
+
+        >>> import torch
+        >>> class SumOfSquares(LossFunction):
+        ...     def __init__(self, config):
+        ...         self.scale = config.get("scale", 1.0)
+        ...         self.loss_type = LossType.TOKEN_LEVEL
+        ...     def __call__(self, next_token_logits, data, global_valid_seqs, global_valid_toks):
+        ...         per_token = next_token_logits.pow(2).sum(-1) * data["token_mask"]
+        ...         loss = self.scale * per_token.sum() / global_valid_toks
+        ...         return loss, {"loss": loss.detach()}
+        >>> fn = SumOfSquares({"scale": 2.0})
+        >>> logits = torch.ones(2, 3, 4)
+        >>> fn(logits, {"token_mask": torch.ones(2, 3)}, torch.tensor(2), torch.tensor(6))[0]
+        tensor(8.)
+    """
+
+    loss_type: LossType | None = None
+    token_mask_key: str = "token_mask"
+    sample_mask_key: str = "sample_mask"
+    partial_metrics: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _ensure_module_initialized(cls.__dict__["__init__"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------------
+
+_VALUE_CHECKS: Literal["auto", "always", "never"] = "auto"
+
+
+def set_value_checks(mode: Literal["auto", "always", "never"]) -> None:
+    """Choose when checks that read tensor values run.
+
+    ``"auto"`` (default): only for CPU tensors, where they cost no host-device sync.
+    ``"always"``: also on accelerators (one sync per check: for debugging).
+    ``"never"``: skip them (shape and dtype checks still run).
+    """
+    global _VALUE_CHECKS
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"`mode` must be 'auto', 'always' or 'never', got {mode!r}")
+    _VALUE_CHECKS = mode
+
+
+def value_checks_enabled(tensor: Tensor) -> bool:
+    """Whether a value-reading check should run on ``tensor`` under the current mode."""
+    if _VALUE_CHECKS == "never" or torch.compiler.is_compiling():
+        return False
+    return _VALUE_CHECKS == "always" or tensor.device.type == "cpu"
+
+
+def _describe(tensor: Tensor) -> str:
+    return f"shape {tuple(tensor.shape)} and dtype {tensor.dtype}"
+
+
+def check_floating(name: str, tensor: Any) -> None:
+    """Raise ``TypeError`` unless ``tensor`` is a floating-point tensor."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got {_describe(tensor)}")
+
+
+def check_ndim(name: str, tensor: Tensor, ndims: int | Sequence[int]) -> None:
+    """Raise ``ValueError`` unless ``tensor.ndim`` is one of ``ndims``."""
+    allowed = (ndims,) if isinstance(ndims, int) else tuple(ndims)
+    if tensor.ndim not in allowed:
+        expected = " or ".join(str(n) for n in allowed)
+        raise ValueError(f"`{name}` must have {expected} dimensions, got {_describe(tensor)}")
+
+
+def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` have the same shape."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def check_same_leading_dims(name_a: str, a: Tensor, name_b: str, b: Tensor, ndim: int) -> None:
+    """Raise ``ValueError`` unless the first ``ndim`` dimensions of ``a`` and ``b`` agree."""
+    if a.ndim < ndim or b.ndim < ndim or a.shape[:ndim] != b.shape[:ndim]:
+        raise ValueError(
+            f"the first {ndim} dimension(s) of `{name_a}` and `{name_b}` must match, "
+            f"got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def check_mask(name: str, mask: Tensor, shape: torch.Size | Sequence[int]) -> None:
+    """Raise unless ``mask`` is a bool, integer or floating tensor of exactly ``shape``."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"`{name}` must be a bool, integer or floating mask, got {_describe(mask)}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {_describe(mask)}")
+
+
+def check_class_targets(name: str, target: Tensor, num_classes: int, ignore_index: int | None = None) -> None:
+    """Check integer class targets: dtype always, range ``[0, num_classes)`` when value checks run."""
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"`{name}` must hold integer class indices, got {_describe(target)}")
+    if target.numel() == 0 or not value_checks_enabled(target):
+        return
+    valid = target if ignore_index is None else target[target != ignore_index]
+    if valid.numel() == 0:
+        return
+    low, high = int(valid.min()), int(valid.max())
+    if low < 0 or high >= num_classes:
+        ignored = "" if ignore_index is None else f" (other than ignore_index={ignore_index})"
+        raise ValueError(
+            f"`{name}` must lie in [0, {num_classes}){ignored}, got values in [{low}, {high}] "
+            f"for shape {tuple(target.shape)}"
+        )
+
+
+def check_finite(name: str, tensor: Tensor) -> None:
+    """Raise ``ValueError`` if ``tensor`` holds NaN or inf (when value checks run)."""
+    if not tensor.is_floating_point() or not value_checks_enabled(tensor):
+        return
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"`{name}` holds {bad} non-finite value(s) (NaN or inf) in {_describe(tensor)}")
+
+
+def as_metric(value: Any) -> Tensor:
+    """A detached 0-dim tensor from a tensor or Python number (metrics of user losses may be floats)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a metric must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return value.detach().reshape(())
+    if isinstance(value, (bool, int, float)):
+        return torch.tensor(float(value))
+    raise TypeError(f"a metric must be a tensor or a number, got {type(value).__name__}")
+
+
+def split_output(output: Any) -> LossOutput:
+    """Normalize what a loss returned into ``LossOutput``.
+
+    Accepts ``LossOutput``, a ``(loss, metrics)`` pair, or a bare tensor (``{"loss": loss}``).
+    """
+    if isinstance(output, Tensor):
+        return LossOutput(output, {"loss": output.detach()})
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], Mapping):
+        loss, metrics = output
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"a loss must return a tensor as its first element, got {type(loss).__name__}")
+        metrics = {str(k): as_metric(v) for k, v in metrics.items()}
+        metrics.setdefault("loss", loss.detach())
+        return LossOutput(loss, metrics)
+    raise TypeError(f"a loss must return a tensor or a (loss, metrics) pair, got {type(output).__name__}")
