@@ -114,9 +114,9 @@ class TinyLM(nn.Module):
         return {"next_token_logits": self.head(self.embed(input_ids))}
 
 
-def token_shards(dtype: torch.dtype = torch.float64) -> list[dict[str, Tensor]]:
+def token_shards(dtype: torch.dtype = torch.float64, seed: int = 0) -> list[dict[str, Tensor]]:
     """Two shards of one global batch, with different numbers of valid tokens (10 and 5)."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     shards = []
     for valid_per_row in ([4, 3, 3], [1, 4, 0]):
         rows, steps = len(valid_per_row), 4
@@ -166,3 +166,15 @@ class RecordGradients(pl.Callback):
             {"weights": weights, "metrics": metrics, "skipped_steps": module.skipped_steps.clone()},
             self.directory / f"state_rank{trainer.global_rank}_batch{batch_idx}.pt",
         )
+
+
+class DestroyProcessGroup(pl.Callback):
+    """Destroy the process group when a spawned worker's run ends.
+
+    A gloo process group left alive at interpreter exit aborts the worker now and then ("terminate
+    called without an active exception", SIGABRT) in torch 2.13; Lightning 2.6 does not destroy it.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
