@@ -106,6 +106,7 @@ class DigitsDataModule(pl.LightningDataModule):
             stratify=labels[rest_idx],
             random_state=self.seed,
         )
+        self.indices = {"train": train_idx, "val": val_idx, "test": test_idx}
         inputs = torch.from_numpy(images)
         if self.image_shape:
             inputs = inputs.reshape(-1, 1, 8, 8)
