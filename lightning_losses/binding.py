@@ -63,20 +63,20 @@ class Binding:
     def bind(
         self,
         sources: list[Mapping[str, Any]],
-        special: Mapping[str, Callable[[], Any]] | None = None,
+        special: Mapping[str, Any] | None = None,
         source_names: tuple[str, ...] = ("model outputs", "batch"),
     ) -> tuple[list[Any], dict[str, Any]]:
         """Positional-only values and keyword values for a call, looked up by name.
 
-        ``special`` maps parameter names to thunks that produce the value (``data``, ``model``, global
-        counts); they are evaluated only when the callable asks for them and are not renamed.
+        ``special`` maps parameter names to values that take precedence over the sources (``data``,
+        ``model``, global counts), unless the rename map names the parameter.
         """
         special = special or {}
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
         for param in self.parameters:
             if param.name in special and param.name not in self.rename:
-                value = special[param.name]()
+                value = special[param.name]
             else:
                 key = self.source_key(param.name)
                 for source in sources:

@@ -206,63 +206,55 @@ class LossModule(pl.LightningModule):
             return tensor
         return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
 
-    def global_valid_counts(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    def global_valid_counts(
+        self, batch: Mapping[str, Any], need_tokens: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """``(global_valid_toks, global_valid_seqs)`` of this step, summed over ranks in one all-reduce.
 
-        Integer counts when the masks are bool/integer, float32 when a mask holds weights.
+        Tokens are counted from ``batch[loss.token_mask_key]`` (times the sample mask, when there is
+        one), sequences from ``batch[loss.sample_mask_key]`` or, without it, the batch size. Counts are
+        int64 when the masks are bool/integer, float32 when a mask holds weights. With
+        ``need_tokens=False`` the token count is 0 when the batch has no token mask.
         """
         token_key = getattr(self.loss, "token_mask_key", "token_mask")
         sample_key = getattr(self.loss, "sample_mask_key", "sample_mask")
         token_mask = batch.get(token_key)
         sample_mask = batch.get(sample_key)
+        if need_tokens and token_mask is None:
+            raise ValueError(
+                f"{type(self.loss).__name__} needs `global_valid_toks`, counted from the batch key "
+                f"'{token_key}', but the batch has keys {sorted(batch)}; add the token mask or set "
+                "`token_mask_key` on the loss"
+            )
         device = self.device
         if sample_mask is not None:
             seqs = sample_mask.sum(dtype=torch.float64)
         else:
             first = next((v for v in batch.values() if isinstance(v, Tensor) and v.ndim > 0), None)
-            seqs = torch.tensor(0 if first is None else first.shape[0], dtype=torch.float64, device=device)
+            seqs = torch.tensor(0 if first is None else first.shape[0], dtype=torch.float64)
         if token_mask is not None:
             weights = token_mask
             if sample_mask is not None:
                 weights = token_mask * sample_mask.reshape(-1, *([1] * (token_mask.ndim - 1)))
             toks = weights.sum(dtype=torch.float64)
         else:
-            toks = torch.full((), float("nan"), dtype=torch.float64, device=device)
+            toks = torch.zeros((), dtype=torch.float64)
         counts = self._all_reduce_sum(torch.stack([toks.to(device), seqs.to(device)]))
         masks = [m for m in (token_mask, sample_mask) if m is not None]
-        integral = all(not m.is_floating_point() for m in masks)
-        counts = counts.round().long() if integral and token_mask is not None else counts.float()
+        integral = not any(m.is_floating_point() for m in masks)
+        counts = counts.round().long() if integral else counts.float()
         return counts[0], counts[1]
 
     def _loss_inputs(self, batch: dict[str, Any], outputs: dict[str, Any]) -> tuple[list, dict]:
-        counts: dict[str, Tensor] = {}
-
-        def count(name: str) -> Callable[[], Tensor]:
-            def thunk() -> Tensor:
-                if not counts:
-                    counts["toks"], counts["seqs"] = self.global_valid_counts(batch)
-                value = counts[name]
-                if name == "toks" and value.is_floating_point() and torch.isnan(value):
-                    key = getattr(self.loss, "token_mask_key", "token_mask")
-                    raise ValueError(
-                        f"{type(self.loss).__name__} needs `global_valid_toks`, counted from the batch "
-                        f"key '{key}', but the batch has keys {sorted(batch)}; add the token mask or "
-                        "set `token_mask_key` on the loss"
-                    )
-                return value
-
-            return thunk
-
-        special = {
-            "data": lambda: batch,
-            "model": lambda: self.model,
-            "global_valid_toks": count("toks"),
-            "global_valid_seqs": count("seqs"),
-        }
+        special: dict[str, Any] = {"data": batch, "model": self.model}
+        wanted = set(self.loss_binding.names) - set(self.loss_binding.rename)
+        if wanted & {"global_valid_toks", "global_valid_seqs"}:
+            toks, seqs = self.global_valid_counts(batch, need_tokens="global_valid_toks" in wanted)
+            special |= {"global_valid_toks": toks, "global_valid_seqs": seqs}
         args, kwargs = self.loss_binding.bind([outputs, batch], special=special)
         if self.upcast_inputs:
             args = [_upcast(v) for v in args]
-            kwargs = {k: v if k in ("data", "model") else _upcast(v) for k, v in kwargs.items()}
+            kwargs = {k: v if k in special else _upcast(v) for k, v in kwargs.items()}
         return args, kwargs
 
     # ------------------------------------------------------------------------------------------------

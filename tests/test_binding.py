@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch import nn
 
 from lightning_losses.binding import Binding, callable_signature
@@ -44,16 +43,13 @@ def test_call_override_signature_is_used_for_guide_protocol():
     assert names == ["next_token_logits", "data", "global_valid_seqs", "global_valid_toks"]
 
 
-def test_special_names_are_evaluated_lazily():
-    calls = []
-    special = {
-        "data": lambda: calls.append("data") or {"x": torch.ones(1)},
-        "model": lambda: calls.append("m"),
-    }
-
+def test_special_names_win_unless_renamed():
     class WantsData(nn.Module):
-        def forward(self, data):
+        def forward(self, data, model):
             return data
 
-    Binding(WantsData()).bind([{}], special=special)
-    assert calls == ["data"]
+    special = {"data": "the batch", "model": "the model"}
+    _, kwargs = Binding(WantsData()).bind([{"data": "an output"}], special=special)
+    assert kwargs == {"data": "the batch", "model": "the model"}
+    _, kwargs = Binding(WantsData(), rename={"data": "x"}).bind([{"x": "renamed"}], special=special)
+    assert kwargs == {"data": "renamed", "model": "the model"}

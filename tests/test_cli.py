@@ -35,6 +35,7 @@ def last_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # validate/test run without the logger
 def test_fit_from_yaml_and_reload_checkpoint_without_passing_modules(tmp_path):
     cli = build_cli(fit_args(tmp_path, "--trainer.max_epochs=2"))
     trained = cli.model
@@ -49,6 +50,13 @@ def test_fit_from_yaml_and_reload_checkpoint_without_passing_modules(tmp_path):
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["lr"] == 0.003
     (metrics_csv,) = tmp_path.rglob("metrics.csv")
     assert "val/accuracy" in metrics_csv.read_text().splitlines()[0]
+
+    for subcommand, key in (("validate", "val/accuracy"), ("test", "test/accuracy")):
+        args = fit_args(tmp_path, f"--ckpt_path={last_checkpoint(tmp_path)}", "--trainer.logger=false")
+        evaluated = build_cli([subcommand, *args[1:]])
+        assert evaluated.trainer.callback_metrics[key] > 0.5
+        for name, weight in evaluated.model.state_dict().items():
+            assert torch.equal(weight, trained.state_dict()[name]), name
 
 
 def test_learnable_loss_parameter_is_restored_from_checkpoint(tmp_path):

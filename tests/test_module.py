@@ -288,3 +288,43 @@ def test_full_batch_matches_manual_gradient_in_one_process():
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(module.model.linear.weight.grad, reference.linear.weight.grad)
+
+
+def test_nan_policy_warn_skips_and_warns():
+    good = token_shards(torch.float32)[0] | {"poison": torch.tensor(False)}
+    bad = good | {"poison": torch.tensor(True)}
+    module = LossModule(TokenRegressor(), PoisonableTokenLoss(), nan_policy="warn")
+    with pytest.warns(UserWarning, match="non-finite training loss.*skipping the optimizer step"):
+        quiet_trainer(max_steps=2).fit(module, DataLoader([bad, good], batch_size=None))
+    assert module.skipped_steps.item() == 1
+
+
+def test_skip_policy_leaves_clean_training_unchanged_with_accumulation():
+    """The skip path runs the optimizer itself: without faults it must match Lightning's own path."""
+    batches = [
+        s | {"poison": torch.tensor(False)} for seed in range(3) for s in token_shards(torch.float64, seed)
+    ]
+    final = {}
+    for policy in ("raise", "skip"):
+        torch.manual_seed(0)
+        module = LossModule(
+            TokenRegressor().double(),
+            PoisonableTokenLoss(),
+            nan_policy=policy,
+            optimizer=lambda p: torch.optim.AdamW(p, lr=0.05),
+        )
+        trainer = quiet_trainer(max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.3)
+        trainer.fit(module, DataLoader(batches, batch_size=None))
+        assert trainer.global_step == 6  # 2 epochs × 6 batches / 2
+        final[policy] = module.model.linear.weight.detach().clone()
+    torch.testing.assert_close(final["skip"], final["raise"], rtol=0, atol=0)
+
+
+def test_sequence_counts_without_token_mask_are_integers():
+    module = LossModule(nn.Linear(2, 1), nn.MSELoss())
+    toks, seqs = module.global_valid_counts({"inputs": torch.ones(5, 2)}, need_tokens=False)
+    assert (toks.item(), seqs.item()) == (0, 5) and seqs.dtype == torch.long
+    _, weighted = module.global_valid_counts(
+        {"inputs": torch.ones(2, 2), "sample_mask": torch.tensor([0.5, 1.0])}, need_tokens=False
+    )
+    assert weighted.dtype == torch.float32 and weighted.item() == 1.5

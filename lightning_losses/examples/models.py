@@ -12,6 +12,7 @@ __all__ = ["MLP"]
 class MLP(nn.Module):
     """A multilayer perceptron: ``inputs [B, in_features]`` (or any shape, flattened) → ``[B, out_features]``.
 
+    >>> import torch
     >>> MLP(64, 10, hidden=(32,))(torch.zeros(5, 64)).shape
     torch.Size([5, 10])
     """
