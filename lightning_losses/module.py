@@ -179,15 +179,11 @@ class LossModule(pl.LightningModule):
         """Run the model on a batch; returns its outputs as a dict."""
         batch = self.batch_as_dict(batch)
         binding = self.model_binding
-        sources = [batch]
-        required = binding.required
-        if (
-            len(required) == 1
-            and binding.source_key(required[0]) not in batch
-            and self.batch_keys[0] in batch
-        ):
-            sources = [{binding.source_key(required[0]): batch[self.batch_keys[0]]}, batch]
-        args, kwargs = binding.bind(sources, source_names=("inputs", "batch"))
+        source = batch
+        required = [binding.source_key(name) for name in binding.required]
+        if len(required) == 1 and required[0] not in batch and self.batch_keys[0] in batch:
+            source = {**batch, required[0]: batch[self.batch_keys[0]]}
+        args, kwargs = binding.bind([source], source_names=("batch",))
         out = self.model(*args, **kwargs)
         if isinstance(out, Mapping):
             return dict(out)

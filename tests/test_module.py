@@ -328,3 +328,18 @@ def test_sequence_counts_without_token_mask_are_integers():
         {"inputs": torch.ones(2, 2), "sample_mask": torch.tensor([0.5, 1.0])}, need_tokens=False
     )
     assert weighted.dtype == torch.float32 and weighted.item() == 1.5
+
+
+def test_model_inputs_by_name_fallback_and_error():
+    class TwoInputs(nn.Module):
+        def forward(self, images, scale):
+            return {"logits": images * scale}
+
+    module = LossModule(TwoInputs(), nn.MSELoss(), model_input_map={"images": "inputs"})
+    out = module({"inputs": torch.ones(2), "scale": torch.tensor(3.0)})
+    assert torch.equal(out["logits"], torch.full((2,), 3.0))
+    with pytest.raises(ValueError, match=r"TwoInputs needs the input `scale`.*batch have keys \['inputs'\]"):
+        module({"inputs": torch.ones(2)})
+    # one required parameter that the batch does not name: it gets batch["inputs"]
+    single = LossModule(nn.Sequential(nn.Identity()), nn.MSELoss())
+    assert torch.equal(single({"inputs": torch.ones(3)})["logits"], torch.ones(3))
