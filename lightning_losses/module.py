@@ -19,12 +19,13 @@ How a step finds its inputs
 
 Exact DDP gradients
 -------------------
-DDP averages gradients over ranks. A ``TOKEN_LEVEL``/``SEQUENCE_LEVEL`` loss is a rank's *share* of the
-global batch's loss (its sum divided by the global count), so the backward pass uses
-``world_size × loss``: after DDP's average, the gradient is exactly the gradient of the whole global
-batch's loss in one process. Logged values of the loss (and of ``loss.partial_metrics``) are scaled the
-same way, so their epoch means, synced over ranks, equal a single-process run's. Losses without a
-``loss_type`` (``torch.nn.CrossEntropyLoss``) are means over their own rank's batch, as usual.
+DDP averages gradients over ranks. A loss given ``global_valid_toks`` / ``global_valid_seqs`` (a
+``TOKEN_LEVEL``/``SEQUENCE_LEVEL`` loss) is a rank's *share* of the global batch's loss (its sum divided
+by the global count), so the backward pass uses ``world_size × loss``: after DDP's average, the gradient
+is exactly the gradient of the whole global batch's loss in one process. Logged values of the loss (and
+of ``loss.partial_metrics``) are scaled the same way, so their epoch means, synced over ranks, equal a
+single-process run's. Losses given no global count (``torch.nn.CrossEntropyLoss``) are means over
+their own rank's batch, as usual.
 
 Non-finite losses (``nan_policy``)
 ----------------------------------
@@ -49,7 +50,7 @@ from torchmetrics import Metric, MetricCollection
 
 from lightning_losses.binding import Binding
 from lightning_losses.metrics import MetricAggregator
-from lightning_losses.protocol import LossType, split_output
+from lightning_losses.protocol import split_output
 
 try:  # set by LightningCLI while it instantiates the module: the config (class paths) to save
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -212,8 +213,7 @@ class LossModule(pl.LightningModule):
         int64 when the masks are bool/integer, float32 when a mask holds weights. With
         ``need_tokens=False`` the token count is 0 when the batch has no token mask.
         """
-        token_key = getattr(self.loss, "token_mask_key", "token_mask")
-        sample_key = getattr(self.loss, "sample_mask_key", "sample_mask")
+        token_key, sample_key = self._mask_keys()
         token_mask = batch.get(token_key)
         sample_mask = batch.get(sample_key)
         if need_tokens and token_mask is None:
@@ -241,36 +241,49 @@ class LossModule(pl.LightningModule):
         counts = counts.round().long() if integral else counts.float()
         return counts[0], counts[1]
 
-    def _loss_inputs(self, batch: dict[str, Any], outputs: dict[str, Any]) -> tuple[list, dict]:
+    def _mask_keys(self) -> tuple[str, str]:
+        """Batch keys of the token and sample masks, renamed like the loss's own mask parameters."""
+        token_key = getattr(self.loss, "token_mask_key", "token_mask")
+        sample_key = getattr(self.loss, "sample_mask_key", "sample_mask")
+        return self.loss_binding.source_key(token_key), self.loss_binding.source_key(sample_key)
+
+    def _loss_inputs(self, batch: dict[str, Any], outputs: dict[str, Any]) -> tuple[list, dict, bool]:
+        """The loss's arguments, and whether it was given a global count.
+
+        A count is passed when the loss asks for it; an optional ``global_valid_toks`` is left out when
+        the batch has no token mask (the loss then averages over its own inputs).
+        """
         special: dict[str, Any] = {"data": batch, "model": self.model}
-        wanted = set(self.loss_binding.names) - set(self.loss_binding.rename)
-        if wanted & {"global_valid_toks", "global_valid_seqs"}:
+        binding = self.loss_binding
+        wanted = {"global_valid_toks", "global_valid_seqs"} & (set(binding.names) - set(binding.rename))
+        optional_toks = "global_valid_toks" not in binding.required
+        if "global_valid_toks" in wanted and optional_toks and self._mask_keys()[0] not in batch:
+            wanted.discard("global_valid_toks")
+        if wanted:
             toks, seqs = self.global_valid_counts(batch, need_tokens="global_valid_toks" in wanted)
-            special |= {"global_valid_toks": toks, "global_valid_seqs": seqs}
-        args, kwargs = self.loss_binding.bind([outputs, batch], special=special)
+            counts = {"global_valid_toks": toks, "global_valid_seqs": seqs}
+            special |= {name: counts[name] for name in wanted}
+        args, kwargs = binding.bind([outputs, batch], special=special)
         if self.upcast_inputs:
             args = [_upcast(v) for v in args]
             kwargs = {k: v if k in special else _upcast(v) for k, v in kwargs.items()}
-        return args, kwargs
+        return args, kwargs, bool(wanted)
 
     # ------------------------------------------------------------------------------------------------
     # steps
     # ------------------------------------------------------------------------------------------------
 
-    def _is_globally_normalized(self) -> bool:
-        return isinstance(getattr(self.loss, "loss_type", None), LossType)
-
     def _step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], dict[str, Any], dict[str, Any]]:
         batch = self.batch_as_dict(batch)
         outputs = self(batch)
-        args, kwargs = self._loss_inputs(batch, outputs)
+        args, kwargs, globally_normalized = self._loss_inputs(batch, outputs)
         loss, metrics = split_output(self.loss(*args, **kwargs))
         if loss.ndim != 0:
             raise ValueError(
                 f"{type(self.loss).__name__} returned a loss of shape {tuple(loss.shape)}; "
                 "it must be a scalar (use reduction='mean' or 'sum')"
             )
-        if self._is_globally_normalized():
+        if globally_normalized:
             scale = self._world_size()
             if scale != 1:
                 partial = {"loss", *getattr(self.loss, "partial_metrics", ())}

@@ -191,13 +191,23 @@ def check_mask(name: str, mask: Tensor, shape: torch.Size | Sequence[int]) -> No
         raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {_describe(mask)}")
 
 
-def check_class_targets(name: str, target: Tensor, num_classes: int, ignore_index: int | None = None) -> None:
-    """Check integer class targets: dtype always, range ``[0, num_classes)`` when value checks run."""
+def check_class_targets(
+    name: str,
+    target: Tensor,
+    num_classes: int,
+    ignore_index: int | None = None,
+    mask: Tensor | None = None,
+) -> None:
+    """Check integer class targets: dtype always; the range ``[0, num_classes)`` of the elements that
+    count (not ``ignore_index``, non-zero ``mask``) when value checks run."""
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"`{name}` must hold integer class indices, got {_describe(target)}")
     if target.numel() == 0 or not value_checks_enabled(target):
         return
-    valid = target if ignore_index is None else target[target != ignore_index]
+    keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask != 0
+    if ignore_index is not None:
+        keep = keep & (target != ignore_index)
+    valid = target[keep]
     if valid.numel() == 0:
         return
     low, high = int(valid.min()), int(valid.max())

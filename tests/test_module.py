@@ -98,7 +98,8 @@ def test_inputs_resolved_by_name_keyword_model_and_tuple_batches():
     batch = token_shards(torch.float32)[0]
     outputs = module(batch)
     assert outputs.keys() == {"preds"}
-    _, kwargs = module._loss_inputs(batch, outputs)
+    _, kwargs, globally_normalized = module._loss_inputs(batch, outputs)
+    assert globally_normalized
     assert kwargs.keys() == {"preds", "target", "token_mask", "global_valid_toks"}
     assert kwargs["global_valid_toks"].item() == batch["token_mask"].sum().item() == 10
 
@@ -118,7 +119,7 @@ def test_missing_loss_input_error_lists_what_was_available():
 
 
 def test_missing_token_mask_for_global_valid_toks_is_a_clear_error():
-    module = LossModule(TokenRegressor(), TokenSquaredError(), input_map={"token_mask": "target"})
+    module = LossModule(TokenRegressor(), TokenSquaredError())
     batch = token_shards(torch.float32)[0]
     del batch["token_mask"]
     with pytest.raises(

@@ -1,0 +1,49 @@
+"""Mean squared error with an optional mask or weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_losses.protocol import check_floating, check_same_shape
+from lightning_losses.reduction import divide_by_count
+
+__all__ = ["expand_mask", "mse"]
+
+
+def expand_mask(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
+    """``mask`` of ``like``'s shape or of its leading dimensions, broadcast over the trailing ones."""
+    if mask.shape != like.shape[: mask.ndim] or mask.is_complex():
+        raise ValueError(
+            f"`{name}` must have the shape of the predictions {tuple(like.shape)} or of their leading "
+            f"dimensions, got {tuple(mask.shape)}"
+        )
+    return mask.reshape(*mask.shape, *([1] * (like.ndim - mask.ndim))).expand_as(like)
+
+
+def mse(
+    preds: Tensor,
+    target: Tensor,
+    mask: Tensor | None = None,
+    global_valid_toks: Tensor | None = None,
+) -> Tensor:
+    r"""Mean squared error :math:`\sum_i m_i (\hat y_i - y_i)^2 / \sum_i m_i`.
+
+    ``mask`` (bool, or float weights) has the shape of ``preds`` or of its leading dimensions (a
+    per-sample mask for vector outputs). With ``global_valid_toks`` the denominator is that global count
+    (TOKEN_LEVEL). All masked gives 0 with zero gradient.
+
+    >>> mse(torch.tensor([1.0, 2.0, 5.0]), torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1, 1, 0]))
+    tensor(2.)
+    """
+    check_floating("preds", preds)
+    check_same_shape("preds", preds, "target", target)
+    compute_dtype = torch.float64 if preds.dtype == torch.float64 else torch.float32
+    squared = (preds.to(compute_dtype) - target.to(compute_dtype)) ** 2
+    if mask is None:
+        total, count = squared.sum(), squared.numel()
+    else:
+        weights = expand_mask(mask, preds).to(compute_dtype)
+        total = torch.where(weights != 0, squared * weights, torch.zeros_like(squared)).sum()
+        count = weights.sum()
+    return divide_by_count(total, count if global_valid_toks is None else global_valid_toks)

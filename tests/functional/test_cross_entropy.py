@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_losses.functional import cross_entropy
+from lightning_losses.losses import CrossEntropyLoss
+from tests.loss_tester import LossTester
+
+CLASS_WEIGHTS = [0.5, 2.0, 1.0, 1.5, 0.25]
+
+
+def brute_force_cross_entropy(logits, target, mask, ignore_index=-100, label_smoothing=0.0, weight=None):
+    """A Python loop over elements and classes in float64."""
+    num_classes = logits.shape[-1]
+    w = weight if weight is not None else [1.0] * num_classes
+    rows, targets, masks = (
+        logits.reshape(-1, num_classes).tolist(),
+        target.reshape(-1).tolist(),
+        mask.reshape(-1).tolist(),
+    )
+    numerator = denominator = 0.0
+    for row, t, m in zip(rows, targets, masks, strict=True):
+        if t == ignore_index or m == 0:
+            continue
+        log_z = math.log(sum(math.exp(x) for x in row))
+        log_p = [x - log_z for x in row]
+        smooth = sum(w[c] * log_p[c] for c in range(num_classes)) / num_classes
+        numerator += m * (-(1 - label_smoothing) * w[t] * log_p[t] - label_smoothing * smooth)
+        denominator += m * w[t]
+    return torch.tensor(numerator / denominator if denominator else 0.0, dtype=torch.float64)
+
+
+class TestCrossEntropy(LossTester):
+    functional = staticmethod(cross_entropy)
+    module_class = CrossEntropyLoss
+    option_sets = [
+        {},
+        {"label_smoothing": 0.1},
+        {"weight": CLASS_WEIGHTS},
+        {"weight": CLASS_WEIGHTS, "label_smoothing": 0.3},
+    ]
+    grad_inputs = ("logits",)
+    mask_input = "mask"
+    config = "digits_cross_entropy.yaml"
+
+    def make_inputs(self, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        logits = (3 * torch.randn(3, 4, 5, generator=g)).to(dtype)
+        target = torch.randint(0, 5, (3, 4), generator=g)
+        target[0, 1] = -100
+        mask = torch.rand(3, 4, generator=g) > 0.3
+        return {"logits": logits, "target": target, "mask": mask}
+
+    def functional_options(self, options):
+        if "weight" in options:
+            return options | {"weight": torch.tensor(options["weight"])}
+        return options
+
+    def reference(self, logits, target, mask, **options):
+        return brute_force_cross_entropy(logits, target, mask, **options)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.2}, {"weight": torch.tensor(CLASS_WEIGHTS, dtype=torch.float64)}]
+)
+def test_equals_torch_cross_entropy_on_n_by_c(options):
+    logits, target = torch.randn(7, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, -100, 2])
+    torch.testing.assert_close(
+        cross_entropy(logits, target, **options), F.cross_entropy(logits, target, **options)
+    )
+
+
+def test_global_count_makes_micro_batches_add_up():
+    logits, target = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 4, (6, 3))
+    mask = torch.rand(6, 3) > 0.5
+    full = cross_entropy(logits, target, mask)
+    count = mask.sum()
+    parts = sum(
+        cross_entropy(logits[s], target[s], mask[s], count) for s in (slice(0, 1), slice(1, 4), slice(4, 6))
+    )
+    torch.testing.assert_close(parts, full)
+
+
+def test_masked_targets_may_be_out_of_range():
+    logits = torch.randn(2, 3)
+    loss = cross_entropy(logits, torch.tensor([1, 99]), torch.tensor([True, False]))
+    torch.testing.assert_close(loss, F.cross_entropy(logits[:1], torch.tensor([1])))
+
+
+def test_confident_logits_stay_finite():
+    logits = torch.tensor([[1e4, -1e4], [-1e4, 1e4]], requires_grad=True)
+    loss = cross_entropy(logits, torch.tensor([1, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(loss, torch.tensor(1e4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (
+            {"logits": torch.ones(3, dtype=torch.long), "target": torch.zeros(3)},
+            TypeError,
+            "`logits` must be a floating",
+        ),
+        (
+            {"logits": torch.ones(4), "target": torch.zeros(4)},
+            ValueError,
+            "`logits` must have 2 or 3 dimensions",
+        ),
+        (
+            {"logits": torch.ones(4, 3), "target": torch.zeros(5, dtype=torch.long)},
+            ValueError,
+            r"`target` must have shape \(4,\)",
+        ),
+        (
+            {"logits": torch.ones(4, 3), "target": torch.zeros(4)},
+            TypeError,
+            "`target` must hold integer class indices",
+        ),
+        (
+            {"logits": torch.ones(2, 3), "target": torch.tensor([0, 3])},
+            ValueError,
+            r"`target` must lie in \[0, 3\)",
+        ),
+        (
+            {"logits": torch.ones(2, 3), "target": torch.tensor([0, 1]), "mask": torch.ones(3)},
+            ValueError,
+            "`mask` must have shape",
+        ),
+        (
+            {"logits": torch.ones(2, 3), "target": torch.tensor([0, 1]), "weight": torch.ones(2)},
+            ValueError,
+            "`weight` must have shape",
+        ),
+    ],
+)
+def test_bad_inputs_name_the_argument(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        cross_entropy(**kwargs)

@@ -1,0 +1,59 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_losses.functional import mse
+from lightning_losses.losses import MSELoss
+from tests.loss_tester import LossTester
+
+
+class TestMSE(LossTester):
+    functional = staticmethod(mse)
+    module_class = MSELoss
+    grad_inputs = ("preds",)
+    mask_input = "mask"
+    bf16_rtol = 3e-2
+
+    def make_inputs(self, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        return {
+            "preds": torch.randn(4, 6, generator=g).to(dtype),
+            "target": torch.randn(4, 6, generator=g).to(dtype),
+            "mask": torch.rand(4, 6, generator=g),  # float weights
+        }
+
+    def reference(self, preds, target, mask):
+        total = sum(
+            m * (p - t) ** 2
+            for p, t, m in zip(
+                preds.flatten().tolist(), target.flatten().tolist(), mask.flatten().tolist(), strict=True
+            )
+        )
+        return torch.tensor(total / mask.sum().item(), dtype=torch.float64)
+
+
+def test_equals_torch_mse_without_mask():
+    preds, target = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(mse(preds, target), F.mse_loss(preds, target))
+
+
+def test_per_sample_mask_broadcasts_over_outputs():
+    preds, target = torch.randn(4, 3), torch.randn(4, 3)
+    keep = torch.tensor([True, False, True, True])
+    torch.testing.assert_close(mse(preds, target, keep), F.mse_loss(preds[keep], target[keep]))
+
+
+def test_global_count_and_bad_inputs():
+    preds, target = torch.randn(6), torch.randn(6)
+    halves = mse(preds[:2], target[:2], global_valid_toks=torch.tensor(6)) + mse(
+        preds[2:], target[2:], global_valid_toks=torch.tensor(6)
+    )
+    torch.testing.assert_close(halves, F.mse_loss(preds, target))
+    with pytest.raises(
+        ValueError, match=r"`preds` and `target` must have the same shape, got \(6,\) and \(5,\)"
+    ):
+        mse(preds, target[:5])
+    with pytest.raises(ValueError, match="`mask` must have the shape of the predictions"):
+        mse(preds, target, torch.ones(3))
+    with pytest.raises(TypeError, match="`preds` must be a floating"):
+        mse(torch.ones(6, dtype=torch.long), target)

@@ -1,0 +1,140 @@
+"""One shared tester for every loss: subclass ``LossTester`` and fill in what is particular to the loss.
+
+The common checks, run for every entry of ``option_sets``:
+
+- the functional against an independent ``reference`` (computed in float64) at fp32 and fp64;
+- ``torch.autograd.gradcheck`` in fp64 on the inputs named in ``grad_inputs``;
+- bf16 inputs within ``bf16_rtol`` of the fp32 result;
+- an all-masked input (``mask_input``) gives exactly 0 and a zero gradient;
+- the module returns ``LossOutput`` equal to the functional, with detached 0-dim metrics;
+- the loss's config in ``configs/`` (``config``) parses with ``--print_config``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_losses import LossOutput
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def cast_floating(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in inputs.items()
+    }
+
+
+def loss_of(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class LossTester:
+    """Base class of a loss's test class (``class TestFocal(LossTester): ...``)."""
+
+    functional: ClassVar[Callable[..., Any]]
+    module_class: ClassVar[type[nn.Module]]
+    option_sets: ClassVar[list[dict[str, Any]]] = [{}]
+    grad_inputs: ClassVar[tuple[str, ...]] = ()
+    mask_input: ClassVar[str | None] = None
+    bf16_rtol: ClassVar[float] = 2e-2
+    fp32_rtol: ClassVar[float] = 1e-5
+    config: ClassVar[str | None] = None
+
+    def make_inputs(self, dtype: torch.dtype, seed: int) -> dict[str, Any]:
+        """Tensor inputs, passed by keyword to the functional and to the module's forward."""
+        raise NotImplementedError
+
+    def reference(self, **inputs_and_options: Any) -> Tensor:
+        """The independent reference value, computed from float64 inputs."""
+        raise NotImplementedError
+
+    # -- adapters a subclass may override ----------------------------------------------------------
+
+    def call_functional(self, inputs: dict[str, Any], options: dict[str, Any]) -> Tensor:
+        return loss_of(type(self).functional(**inputs, **options))
+
+    def build_module(self, options: dict[str, Any]) -> nn.Module:
+        return self.module_class(**options)
+
+    def functional_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Module options as the functional takes them (e.g. lists turned into tensors)."""
+        return options
+
+    # -- the common checks -------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+    def test_matches_reference(self, dtype):
+        for index, options in enumerate(self.option_sets):
+            inputs = self.make_inputs(dtype, seed=index)
+            expected = self.reference(**cast_floating(inputs, torch.float64), **options)
+            actual = self.call_functional(inputs, self.functional_options(options))
+            rtol = self.fp32_rtol if dtype == torch.float32 else 1e-10
+            torch.testing.assert_close(
+                actual.double(), expected.double(), rtol=rtol, atol=rtol, msg=str(options)
+            )
+
+    def test_gradcheck(self):
+        for index, options in enumerate(self.option_sets):
+            inputs = self.make_inputs(torch.float64, seed=index)
+            names = [n for n in self.grad_inputs if n in inputs]
+            fixed = {k: v for k, v in inputs.items() if k not in names}
+
+            def fn(*tensors, fixed=fixed, names=names, options=options):
+                return self.call_functional(
+                    fixed | dict(zip(names, tensors, strict=True)), self.functional_options(options)
+                )
+
+            tensors = tuple(inputs[n].detach().requires_grad_() for n in names)
+            assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-5), options
+
+    def test_bf16_close_to_fp32(self):
+        for index, options in enumerate(self.option_sets):
+            inputs = self.make_inputs(torch.float32, seed=index)
+            fp32 = self.call_functional(inputs, self.functional_options(options))
+            bf16 = self.call_functional(
+                cast_floating(inputs, torch.bfloat16), self.functional_options(options)
+            )
+            assert bf16.dtype == torch.float32, "losses compute in float32 from bf16 inputs"
+            torch.testing.assert_close(bf16, fp32, rtol=self.bf16_rtol, atol=self.bf16_rtol, msg=str(options))
+
+    def test_all_masked_is_exactly_zero(self):
+        if self.mask_input is None:
+            pytest.skip("this loss takes no mask")
+        for index, options in enumerate(self.option_sets):
+            inputs = self.make_inputs(torch.float32, seed=index)
+            inputs[self.mask_input] = torch.zeros_like(inputs[self.mask_input])
+            grads = {n: inputs[n].detach().requires_grad_() for n in self.grad_inputs if n in inputs}
+            loss = self.call_functional(inputs | grads, self.functional_options(options))
+            assert loss.item() == 0.0, options
+            loss.backward()
+            for name, tensor in grads.items():
+                assert tensor.grad is not None and torch.count_nonzero(tensor.grad) == 0, (name, options)
+
+    def test_module_matches_functional(self):
+        for index, options in enumerate(self.option_sets):
+            inputs = self.make_inputs(torch.float32, seed=index)
+            output = self.build_module(options)(**inputs)
+            assert isinstance(output, LossOutput)
+            expected = self.call_functional(inputs, self.functional_options(options))
+            torch.testing.assert_close(output.loss, expected, msg=str(options))
+            assert output.loss.ndim == 0
+            for key, value in output.metrics.items():
+                assert isinstance(value, Tensor) and value.ndim == 0 and not value.requires_grad, key
+
+    def test_config_prints(self, capsys):
+        if self.config is None:
+            pytest.skip("no config for this loss")
+        from lightning_losses.cli import build_cli
+
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            build_cli(["fit", "--config", str(CONFIGS / self.config), "--print_config"])
+        assert "class_path" in capsys.readouterr().out
