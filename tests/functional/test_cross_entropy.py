@@ -140,3 +140,32 @@ def test_confident_logits_stay_finite():
 def test_bad_inputs_name_the_argument(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         cross_entropy(**kwargs)
+
+
+def test_loss_module_counts_tokens_from_the_renamed_mask_key():
+    """The batch calls the mask `token_mask`; input_map renames it for the loss, and the count follows."""
+    from lightning_losses import LossModule
+    from tests.helpers import TinyLM
+
+    module = LossModule(
+        TinyLM(),
+        CrossEntropyLoss(),
+        input_map={"logits": "next_token_logits", "target": "labels", "mask": "token_mask"},
+    )
+    batch = {
+        "input_ids": torch.randint(0, 7, (2, 5)),
+        "labels": torch.randint(0, 7, (2, 5)),
+        "token_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]),
+    }
+    args, kwargs, globally_normalized = module._loss_inputs(batch, module(batch))
+    assert globally_normalized and kwargs["global_valid_toks"].item() == 4
+    loss, _ = CrossEntropyLoss()(*args, **kwargs)
+    logits = module(batch)["next_token_logits"]
+    keep = batch["token_mask"].bool()
+    torch.testing.assert_close(loss, F.cross_entropy(logits[keep], batch["labels"][keep]))
+    # without a mask in the batch an [N, C] classification loss gets no global count: a local mean
+    plain = LossModule(torch.nn.Linear(3, 4), CrossEntropyLoss())
+    _, kwargs, globally_normalized = plain._loss_inputs(
+        {"inputs": torch.ones(2, 3), "target": torch.tensor([0, 1])}, {"logits": torch.zeros(2, 4)}
+    )
+    assert not globally_normalized and "global_valid_toks" not in kwargs
