@@ -20,10 +20,17 @@ _SKIPPED_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWOR
 
 
 def callable_signature(module: nn.Module) -> inspect.Signature:
-    """The signature that calling ``module(...)`` really has: ``__call__`` if overridden, else ``forward``."""
-    fn: Callable[..., Any] = (
-        module.__call__ if type(module).__call__ is not nn.Module.__call__ else module.forward
-    )
+    """The signature that calling ``module(...)`` really has.
+
+    A module whose inputs depend on its configuration (a combination of losses whose ``forward`` takes
+    ``**inputs``) declares them with a ``forward_signature()`` method; otherwise ``__call__``'s when a
+    class overrides it (the guide's protocol), else ``forward``'s.
+    """
+    declared = getattr(module, "forward_signature", None)
+    if callable(declared):
+        return declared()
+    call_overridden = type(module).__call__ is not nn.Module.__call__
+    fn: Callable[..., Any] = module.__call__ if call_overridden else module.forward
     return inspect.signature(fn)
 
 

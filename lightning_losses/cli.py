@@ -10,11 +10,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lightning_losses.module import LossModule
 
 __all__ = ["LossCLI", "build_cli", "main"]
+
+
+class SaveConfigBesideLogs(SaveConfigCallback):
+    """Save the run's config in the logger's directory; without a logger (``--trainer.logger=false``,
+    an evaluation run) there is no run directory, so nothing is written (not a stray ``config.yaml``)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
 
 
 class LossCLI(LightningCLI):
@@ -29,6 +38,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> LossCLI:
         subclass_mode_data=True,
         args=list(args) if args is not None else None,
         run=run,
+        save_config_callback=SaveConfigBesideLogs,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

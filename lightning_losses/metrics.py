@@ -1,10 +1,11 @@
-"""Aggregate a loss's metrics dict with torchmetrics, one ``MeanMetric`` per key, created on first sight.
+"""Aggregate a loss's metrics dict with torchmetrics, one weighted mean per key, created on first sight.
 
 The aggregators are registered submodules, so they move with the module's device and Lightning syncs
 them over DDP ranks when it computes the epoch value. Their states are not persistent: checkpoints
-do not change when a new key appears. ``nan_strategy="disable"`` keeps ``update`` free of the NaN check
-that would read the value (a host-device sync on an accelerator); a non-finite value stays visible in
-the epoch mean instead of being dropped.
+do not change when a new key appears. ``update`` reads no value (no NaN check: that would be a
+host-device sync on an accelerator); a non-finite value stays visible in the epoch mean instead of
+being dropped. (torchmetrics' ``MeanMetric`` would check for NaN, and with ``nan_strategy="disable"``
+it ignores the weights, in torchmetrics 1.9.)
 """
 
 from __future__ import annotations
@@ -14,13 +15,39 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 
-__all__ = ["MetricAggregator"]
+__all__ = ["MetricAggregator", "WeightedMean"]
+
+
+class WeightedMean(Metric):
+    """``Σ w·x / Σ w`` over updates, summed over DDP ranks when computed.
+
+    >>> mean = WeightedMean()
+    >>> mean.update(torch.tensor(1.0), 3); mean.update(torch.tensor(5.0), 1)
+    >>> mean.compute()
+    tensor(2.)
+    """
+
+    full_state_update = False
+    total: Tensor
+    weight: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("weight", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: float | Tensor = 1.0) -> None:
+        self.total += value.detach().to(self.total.dtype).sum() * weight
+        self.weight += weight
+
+    def compute(self) -> Tensor:
+        return self.total / self.weight
 
 
 class MetricAggregator(nn.Module):
-    """A ``MeanMetric`` per metric key, created lazily.
+    """A ``WeightedMean`` per metric key, created lazily.
 
     >>> agg = MetricAggregator()
     >>> for value in (1.0, 3.0):
@@ -36,7 +63,7 @@ class MetricAggregator(nn.Module):
     def __contains__(self, key: str) -> bool:
         return key in self._attribute_of
 
-    def __getitem__(self, key: str) -> MeanMetric:
+    def __getitem__(self, key: str) -> WeightedMean:
         return getattr(self, self._attribute_of[key])
 
     def keys(self) -> list[str]:
@@ -46,22 +73,22 @@ class MetricAggregator(nn.Module):
         """The submodule name holding ``key``'s aggregator (metric keys may hold '/' or '.')."""
         return self._attribute_of[key]
 
-    def get_or_create(self, key: str, device: torch.device) -> MeanMetric:
+    def get_or_create(self, key: str, device: torch.device) -> WeightedMean:
         if key not in self._attribute_of:
             base = "metric_" + re.sub(r"\W", "_", key)
             name, suffix = base, 1
             while hasattr(self, name):
                 suffix += 1
                 name = f"{base}_{suffix}"
-            self.add_module(name, MeanMetric(nan_strategy="disable").to(device))
+            self.add_module(name, WeightedMean().to(device))
             self._attribute_of[key] = name
         return self[key]
 
-    def update(self, metrics: Mapping[str, Tensor]) -> dict[str, MeanMetric]:
-        """Add one value per key; returns the aggregators that were updated."""
+    def update(self, metrics: Mapping[str, Tensor], weight: float = 1.0) -> dict[str, WeightedMean]:
+        """Add one value per key, counted ``weight`` times; returns the aggregators that were updated."""
         updated = {}
         for key, value in metrics.items():
             metric = self.get_or_create(key, value.device)
-            metric.update(value)
+            metric.update(value, weight)
             updated[key] = metric
         return updated

@@ -39,7 +39,7 @@ counts them. ``"warn"``: like ``"skip"`` and a warning.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -71,7 +71,8 @@ class LossModule(pl.LightningModule):
         model: the network. Called with its ``forward`` parameters resolved by name from the batch.
         loss: any ``nn.Module`` loss: a library loss returning ``LossOutput``, a loss written to the
             guide's protocol, or a plain ``torch.nn`` loss returning a tensor (logged as ``loss``).
-        optimizer: a callable taking the parameters (model's and loss's trainable ones).
+        optimizer: a callable taking the trainable parameters; when the loss has some (learned task
+            weights), two parameter groups: the others, and the loss's with ``weight_decay=0``.
         lr_scheduler: a callable taking the optimizer, or None.
         metrics: task metrics computed on ``outputs[preds_key]`` against ``batch[target_key]``,
             logged per stage as ``<stage>/<name>`` at epoch end.
@@ -146,7 +147,7 @@ class LossModule(pl.LightningModule):
         self.upcast_inputs = upcast_inputs
         self.loss_binding = Binding(loss, input_map)
         self.model_binding = Binding(model, model_input_map)
-        # per stage: `<stage>_loss_metrics` (a MeanMetric per loss metric key) and `<stage>_task_metrics`
+        # per stage: `<stage>_loss_metrics` (a weighted mean per loss metric key) and `<stage>_task_metrics`
         if metrics is not None and not isinstance(metrics, MetricCollection):
             metrics = MetricCollection(dict(metrics))
         self.has_task_metrics = metrics is not None
@@ -226,8 +227,7 @@ class LossModule(pl.LightningModule):
         if sample_mask is not None:
             seqs = sample_mask.sum(dtype=torch.float64)
         else:
-            first = next((v for v in batch.values() if isinstance(v, Tensor) and v.ndim > 0), None)
-            seqs = torch.tensor(0 if first is None else first.shape[0], dtype=torch.float64)
+            seqs = torch.tensor(_batch_size(batch), dtype=torch.float64)
         if token_mask is not None:
             weights = token_mask
             if sample_mask is not None:
@@ -273,7 +273,7 @@ class LossModule(pl.LightningModule):
     # steps
     # ------------------------------------------------------------------------------------------------
 
-    def _step(self, batch: Any) -> tuple[Tensor, dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    def _step(self, batch: Any) -> _StepResult:
         batch = self.batch_as_dict(batch)
         outputs = self(batch)
         args, kwargs, globally_normalized = self._loss_inputs(batch, outputs)
@@ -290,11 +290,14 @@ class LossModule(pl.LightningModule):
                 loss = loss * scale
                 metrics = {k: v * scale if k in partial else v for k, v in metrics.items()}
         metrics = {k: v.to(self.device) for k, v in metrics.items()}
-        return loss, metrics, outputs, batch
+        # A share of a globally normalized loss is one value per step; a local mean weighs as many
+        # samples as the batch holds, so that epoch means are means over samples.
+        weight = 1 if globally_normalized else _batch_size(batch)
+        return _StepResult(loss, metrics, outputs, batch, weight)
 
-    def _log_metrics(self, stage: Stage, metrics: Mapping[str, Tensor]) -> None:
+    def _log_metrics(self, stage: Stage, metrics: Mapping[str, Tensor], weight: float = 1.0) -> None:
         aggregator: MetricAggregator = getattr(self, f"{stage}_loss_metrics")
-        for key, metric in aggregator.update(metrics).items():
+        for key, metric in aggregator.update(metrics, weight).items():
             attribute = f"{stage}_loss_metrics.{aggregator.attribute(key)}"
             name = f"{stage}/{key}_epoch" if stage == "train" else f"{stage}/{key}"
             shown = key == "loss"
@@ -315,15 +318,23 @@ class LossModule(pl.LightningModule):
                 "set `preds_key` / `target_key`"
             )
         collection: MetricCollection = getattr(self, f"{stage}_task_metrics")
+        clash = {key.split("/", 1)[1] for key in collection} & set(
+            getattr(self, f"{stage}_loss_metrics").keys()
+        )
+        if clash:
+            raise ValueError(
+                f"the task metrics {sorted(clash)} have the names of metrics the loss "
+                f"{type(self.loss).__name__} logs; give them other names in `metrics`"
+            )
         collection.update(outputs[self.preds_key].detach(), batch[self.target_key])
         self.log_dict(collection, on_step=False, on_epoch=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, metrics, outputs, batch = self._step(batch)
+        loss, metrics, outputs, batch, weight = self._step(batch)
         nonfinite = self._all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.float32))
         if bool(nonfinite > 0):  # the one host read per step: every rank takes the same branch
             return self._non_finite_step(loss, int(nonfinite))
-        self._log_metrics("train", metrics)
+        self._log_metrics("train", metrics, weight)
         self._update_task_metrics("train", outputs, batch)
         return loss
 
@@ -366,8 +377,8 @@ class LossModule(pl.LightningModule):
         return self._eval_step("test", batch)
 
     def _eval_step(self, stage: Stage, batch: Any) -> Tensor:
-        loss, metrics, outputs, batch = self._step(batch)
-        self._log_metrics(stage, metrics)
+        loss, metrics, outputs, batch, weight = self._step(batch)
+        self._log_metrics(stage, metrics, weight)
         self._update_task_metrics(stage, outputs, batch)
         return loss
 
@@ -379,8 +390,18 @@ class LossModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        """The optimizer over every trainable parameter; the loss's own (learned task weights,
+        temperatures) form a second group without weight decay, which would pull them towards 0."""
+        in_loss = {id(p) for p in self.loss.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        loss_params = [p for p in trainable if id(p) in in_loss]
+        if loss_params:
+            others = [p for p in trainable if id(p) not in in_loss]
+            optimizer = self.optimizer_factory(
+                [{"params": others}, {"params": loss_params, "weight_decay": 0.0}]
+            )
+        else:
+            optimizer = self.optimizer_factory(trainable)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -392,6 +413,19 @@ class LossModule(pl.LightningModule):
                 "monitor": self.lr_scheduler_monitor,
             },
         }
+
+
+class _StepResult(NamedTuple):
+    loss: Tensor
+    metrics: dict[str, Tensor]
+    outputs: dict[str, Any]
+    batch: dict[str, Any]
+    weight: int
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    first = next((v for v in batch.values() if isinstance(v, Tensor) and v.ndim > 0), None)
+    return 1 if first is None else first.shape[0]
 
 
 def _upcast(value: Any) -> Any:

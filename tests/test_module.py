@@ -104,7 +104,7 @@ def test_inputs_resolved_by_name_keyword_model_and_tuple_batches():
     assert kwargs["global_valid_toks"].item() == batch["token_mask"].sum().item() == 10
 
     tuple_module = LossModule(nn.Linear(3, 2), nn.CrossEntropyLoss(), input_map={"input": "logits"})
-    loss, metrics, _, named = tuple_module._step((torch.randn(4, 3), torch.tensor([0, 1, 1, 0])))
+    loss, metrics, _, named, _ = tuple_module._step((torch.randn(4, 3), torch.tensor([0, 1, 1, 0])))
     assert named.keys() == {"inputs", "target"} and metrics.keys() == {"loss"} and loss.ndim == 0
 
 
@@ -253,7 +253,7 @@ def test_validation_and_test_metrics_and_task_metrics():
 
     x = torch.randn(96, 4)
     y = (x[:, 0] > 0).long()
-    data = DataLoader(DictDataset(inputs=x, target=y), batch_size=32)
+    data = DataLoader(DictDataset(inputs=x, target=y), batch_size=40)  # batches of 40, 40, 16
     module = LossModule(
         nn.Linear(4, 2),
         nn.CrossEntropyLoss(),
@@ -270,7 +270,7 @@ def test_validation_and_test_metrics_and_task_metrics():
     with torch.no_grad():
         logits = module.model(x)
     expected_acc = (logits.argmax(1) == y).float().mean().item()
-    expected_loss = nn.functional.cross_entropy(logits, y).item()  # equal batches: mean of means
+    expected_loss = nn.functional.cross_entropy(logits, y).item()  # batch means weighed by batch size
     assert results["test/accuracy"] == pytest.approx(expected_acc, abs=1e-6)
     assert results["test/loss"] == pytest.approx(expected_loss, rel=1e-5)
 
@@ -280,7 +280,7 @@ def test_full_batch_matches_manual_gradient_in_one_process():
     torch.manual_seed(0)
     batch = concat_shards(token_shards())
     module = LossModule(TokenRegressor(), TokenSquaredError()).double()
-    loss, _, _, _ = module._step(batch)
+    loss = module._step(batch).loss
     loss.backward()
     reference = TokenRegressor().double()
     reference.load_state_dict(module.model.state_dict())
@@ -344,3 +344,23 @@ def test_model_inputs_by_name_fallback_and_error():
     # one required parameter that the batch does not name: it gets batch["inputs"]
     single = LossModule(nn.Sequential(nn.Identity()), nn.MSELoss())
     assert torch.equal(single({"inputs": torch.ones(3)})["logits"], torch.ones(3))
+
+
+def test_loss_parameters_get_no_weight_decay_and_task_metric_names_must_not_clash():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lightning_losses.losses import CrossEntropyLoss
+
+    module = LossModule(
+        nn.Linear(4, 1), LearnableScaleLoss(), optimizer=lambda p: torch.optim.AdamW(p, weight_decay=0.1)
+    )
+    optimizer = module.configure_optimizers()
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert optimizer.param_groups[1]["params"] == [module.loss.log_variance]
+
+    clashing = LossModule(
+        nn.Linear(4, 3), CrossEntropyLoss(), metrics={"accuracy": MulticlassAccuracy(num_classes=3)}
+    )
+    data = DataLoader(DictDataset(inputs=torch.randn(8, 4), target=torch.randint(0, 3, (8,))), batch_size=4)
+    with pytest.raises(ValueError, match=r"task metrics \['accuracy'\] have the names of metrics the loss"):
+        quiet_trainer(max_steps=1).fit(clashing, data)

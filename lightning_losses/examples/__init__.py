@@ -1,6 +1,18 @@
-"""Data modules and small models for the example configs (real data that ships inside packages)."""
+"""Data modules, models and metrics for the example configs (real data that ships inside packages)."""
 
 from lightning_losses.examples.digits import DictDataset, DigitsDataModule
+from lightning_losses.examples.imbalanced import ImbalancedDigitsDataModule
+from lightning_losses.examples.knn import KNNAccuracy
 from lightning_losses.examples.models import MLP
+from lightning_losses.examples.multitask import DigitsMultiTaskDataModule, TwoHeadMLP, image_statistic
 
-__all__ = ["MLP", "DictDataset", "DigitsDataModule"]
+__all__ = [
+    "MLP",
+    "DictDataset",
+    "DigitsDataModule",
+    "DigitsMultiTaskDataModule",
+    "ImbalancedDigitsDataModule",
+    "KNNAccuracy",
+    "TwoHeadMLP",
+    "image_statistic",
+]

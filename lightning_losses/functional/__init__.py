@@ -1,6 +1,26 @@
 """Pure tensor math of every loss: no state, no Lightning."""
 
+from lightning_losses.functional.contrastive import (
+    contrastive_loss,
+    info_nce_loss,
+    supervised_contrastive_loss,
+)
 from lightning_losses.functional.cross_entropy import cross_entropy
+from lightning_losses.functional.distillation import DistillationTerms, distillation_loss, kl_divergence
+from lightning_losses.functional.focal import focal_loss
+from lightning_losses.functional.multi_task import effective_task_weights, multi_task_loss
 from lightning_losses.functional.regression import mse
 
-__all__ = ["cross_entropy", "mse"]
+__all__ = [
+    "DistillationTerms",
+    "contrastive_loss",
+    "cross_entropy",
+    "distillation_loss",
+    "effective_task_weights",
+    "focal_loss",
+    "info_nce_loss",
+    "kl_divergence",
+    "mse",
+    "multi_task_loss",
+    "supervised_contrastive_loss",
+]

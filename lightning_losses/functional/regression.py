@@ -30,8 +30,9 @@ def mse(
     r"""Mean squared error :math:`\sum_i m_i (\hat y_i - y_i)^2 / \sum_i m_i`.
 
     ``mask`` (bool, or float weights) has the shape of ``preds`` or of its leading dimensions (a
-    per-sample mask for vector outputs). With ``global_valid_toks`` the denominator is that global count
-    (TOKEN_LEVEL). All masked gives 0 with zero gradient.
+    per-sample mask for vector outputs). With ``global_valid_toks`` (TOKEN_LEVEL: the global count of
+    valid mask entries) the denominator is that count times the elements each mask entry covers. All
+    masked gives 0 with zero gradient.
 
     >>> mse(torch.tensor([1.0, 2.0, 5.0]), torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1, 1, 0]))
     tensor(2.)
@@ -41,9 +42,9 @@ def mse(
     compute_dtype = torch.float64 if preds.dtype == torch.float64 else torch.float32
     squared = (preds.to(compute_dtype) - target.to(compute_dtype)) ** 2
     if mask is None:
-        total, count = squared.sum(), squared.numel()
+        total, count, per_entry = squared.sum(), squared.numel(), 1
     else:
         weights = expand_mask(mask, preds).to(compute_dtype)
         total = torch.where(weights != 0, squared * weights, torch.zeros_like(squared)).sum()
-        count = weights.sum()
-    return divide_by_count(total, count if global_valid_toks is None else global_valid_toks)
+        count, per_entry = weights.sum(), preds.shape[mask.ndim :].numel()
+    return divide_by_count(total, count if global_valid_toks is None else global_valid_toks * per_entry)

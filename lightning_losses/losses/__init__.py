@@ -1,6 +1,36 @@
-"""The loss modules: thin shells over :mod:`lightning_losses.functional`, each registered by a short name."""
+"""The loss modules: thin shells over :mod:`lightning_losses.functional`, each registered by a short name.
 
+========================  ==================  ===========================================
+class                     registry name       paper
+========================  ==================  ===========================================
+``CrossEntropyLoss``      ``cross_entropy``
+``MSELoss``               ``mse``
+``FocalLoss``             ``focal``           Lin et al. 2017
+``ContrastiveLoss``       ``contrastive``     Hadsell, Chopra & LeCun 2006
+``InfoNCELoss``           ``infonce``         van den Oord et al. 2018; Chen et al. 2020
+``SupConLoss``            ``supcon``          Khosla et al. 2020
+``KLDivergenceLoss``      ``kl_divergence``   Hinton, Vinyals & Dean 2015
+``MultiTaskLoss``         ``multi_task``      Kendall, Gal & Cipolla 2018
+``CombinedLoss``          ``combined``        (the guide's weighted sum)
+========================  ==================  ===========================================
+"""
+
+from lightning_losses.losses.combined import CombinedLoss
+from lightning_losses.losses.contrastive import ContrastiveLoss, InfoNCELoss, SupConLoss
 from lightning_losses.losses.cross_entropy import CrossEntropyLoss
+from lightning_losses.losses.distillation import KLDivergenceLoss
+from lightning_losses.losses.focal import FocalLoss
+from lightning_losses.losses.multi_task import MultiTaskLoss
 from lightning_losses.losses.regression import MSELoss
 
-__all__ = ["CrossEntropyLoss", "MSELoss"]
+__all__ = [
+    "CombinedLoss",
+    "ContrastiveLoss",
+    "CrossEntropyLoss",
+    "FocalLoss",
+    "InfoNCELoss",
+    "KLDivergenceLoss",
+    "MSELoss",
+    "MultiTaskLoss",
+    "SupConLoss",
+]

@@ -57,3 +57,11 @@ def test_global_count_and_bad_inputs():
         mse(preds, target, torch.ones(3))
     with pytest.raises(TypeError, match="`preds` must be a floating"):
         mse(torch.ones(6, dtype=torch.long), target)
+
+
+def test_per_sample_mask_with_global_count_counts_elements():
+    preds, target = torch.randn(6, 3), torch.randn(6, 3)
+    keep = torch.tensor([1, 1, 0, 1, 0, 1])
+    count = keep.sum()  # what LossModule counts: mask entries, not elements
+    parts = mse(preds[:2], target[:2], keep[:2], count) + mse(preds[2:], target[2:], keep[2:], count)
+    torch.testing.assert_close(parts, F.mse_loss(preds[keep.bool()], target[keep.bool()]))

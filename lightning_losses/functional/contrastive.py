@@ -1,0 +1,387 @@
+"""Contrastive objectives on embeddings: margin contrastive, InfoNCE / NT-Xent and supervised contrastive.
+
+All three compare every pair of a batch through one ``[M, M]`` matrix (a matrix product of the
+embeddings), never an ``[M, M, D]`` tensor of differences. Negatives are the other elements of *this*
+batch: under DDP each rank contrasts its own batch (nothing is gathered across ranks).
+
+Each loss has a plain form returning the loss tensor and a ``*_with_metrics`` form returning
+``(loss, metrics)`` with detached 0-dim metrics (what the modules of :mod:`lightning_losses.losses` log).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_losses.protocol import check_floating, check_ndim, check_same_shape
+from lightning_losses.reduction import divide_by_count
+
+__all__ = [
+    "contrastive_loss",
+    "contrastive_loss_with_metrics",
+    "info_nce_loss",
+    "info_nce_loss_with_metrics",
+    "pairwise_squared_distances",
+    "safe_sqrt",
+    "supervised_contrastive_loss",
+    "supervised_contrastive_loss_with_metrics",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    """float64 stays float64; every other floating dtype (bf16, fp16, fp32) computes in float32."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _check_labels(name: str, target: Tensor, embeddings_name: str, embeddings: Tensor) -> None:
+    """``target`` must be integer class labels ``[N]`` for embeddings ``[N, ...]`` (any integer values)."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"`{name}` must hold integer class labels, "
+            f"got shape {tuple(target.shape)} and dtype {target.dtype}"
+        )
+    if target.shape != embeddings.shape[:1]:
+        raise ValueError(
+            f"`{name}` must have shape ({embeddings.shape[0]},), one label per row of `{embeddings_name}`, "
+            f"got {tuple(target.shape)} with `{embeddings_name}` of shape {tuple(embeddings.shape)}"
+        )
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"`{name}` must be positive, got {value}")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"`{name}` must be non-negative, got {value}")
+
+
+def safe_sqrt(squared: Tensor) -> Tensor:
+    """``sqrt`` whose value is exact everywhere and whose gradient at 0 is 0 (not inf/NaN).
+
+    The "double where": the inner ``where`` keeps ``sqrt`` away from 0 so its backward never divides by
+    0; the outer one puts the exact 0 back and sends no gradient to the inner branch there.
+
+    >>> x = torch.tensor([0.0, 4.0], requires_grad=True)
+    >>> y = safe_sqrt(x)
+    >>> y.sum().backward()
+    >>> y.detach(), x.grad
+    (tensor([0., 2.]), tensor([0.0000, 0.2500]))
+    """
+    positive = squared > 0
+    return torch.where(positive, torch.where(positive, squared, torch.ones_like(squared)).sqrt(), 0.0)
+
+
+def pairwise_squared_distances(embeddings: Tensor) -> Tensor:
+    r"""Squared Euclidean distances :math:`\|x_i - x_j\|^2` of all rows, ``[N, D]`` → ``[N, N]``.
+
+    Computed as :math:`G_{ii} + G_{jj} - 2G_{ij}` from the Gram matrix :math:`G = X X^\top` of the
+    embeddings *centred on their batch mean* (distances do not change; the cancellation error,
+    about :math:`\epsilon (\|x_i\|^2 + \|x_j\|^2)`, shrinks), clamped at 0 (rounding can make it slightly
+    negative). Memory is :math:`O(N^2 + ND)`: no ``[N, N, D]`` tensor. The diagonal is exactly 0, and
+    so are (in practice; the BLAS decides) the distances between bit-identical rows. Distances much
+    smaller than :math:`\sqrt{\epsilon}\,\|x\|` are resolved to about that accuracy only (fp32:
+    :math:`\approx 3\cdot 10^{-4}\|x\|`).
+
+    >>> pairwise_squared_distances(torch.tensor([[0.0, 0.0], [3.0, 4.0]]))
+    tensor([[ 0., 25.],
+            [25.,  0.]])
+    """
+    centred = embeddings - embeddings.mean(dim=0, keepdim=True)
+    gram = centred @ centred.T
+    squared_norms = gram.diagonal()
+    return (squared_norms[:, None] + squared_norms[None, :] - 2 * gram).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# margin contrastive loss (Hadsell, Chopra & LeCun 2006)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _contrastive(
+    embeddings: Tensor, target: Tensor, margin: float, negative_weight: float, with_metrics: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    check_floating("embeddings", embeddings)
+    check_ndim("embeddings", embeddings, 2)
+    _check_labels("target", target, "embeddings", embeddings)
+    _check_positive("margin", margin)
+    _check_non_negative("negative_weight", negative_weight)
+
+    x = embeddings.to(_compute_dtype(embeddings))
+    squared = pairwise_squared_distances(x)
+    same_label = target[:, None] == target[None, :]
+    not_self = ~torch.eye(len(target), dtype=torch.bool, device=target.device)
+    positive_pairs = same_label & not_self
+    negative_pairs = ~same_label
+    num_positive = positive_pairs.sum()
+    num_negative = negative_pairs.sum()
+
+    distances = safe_sqrt(squared)
+    positive_loss = divide_by_count(torch.where(positive_pairs, squared, 0.0).sum(), num_positive)
+    hinge = F.relu(margin - distances).pow(2)
+    negative_loss = divide_by_count(torch.where(negative_pairs, hinge, 0.0).sum(), num_negative)
+    loss = positive_loss + negative_weight * negative_loss
+    if not with_metrics:
+        return loss, {}
+    with torch.no_grad():
+        metrics = {
+            "contrastive_loss": loss.detach(),
+            "positive_loss": positive_loss.detach(),
+            "negative_loss": negative_loss.detach(),
+            "mean_positive_distance": divide_by_count(
+                torch.where(positive_pairs, distances, 0.0).sum(), num_positive
+            ),
+            "mean_negative_distance": divide_by_count(
+                torch.where(negative_pairs, distances, 0.0).sum(), num_negative
+            ),
+        }
+    return loss, metrics
+
+
+def contrastive_loss(
+    embeddings: Tensor, target: Tensor, *, margin: float = 1.0, negative_weight: float = 1.0
+) -> Tensor:
+    r"""Margin contrastive loss over all pairs of a batch (Hadsell, Chopra & LeCun, CVPR 2006).
+
+    With :math:`d_{ij} = \|x_i - x_j\|_2`, positive pairs :math:`\mathcal P = \{(i, j): i \ne j,
+    y_i = y_j\}` and negative pairs :math:`\mathcal N = \{(i, j): y_i \ne y_j\}`:
+
+    .. math::
+        L = \frac{1}{|\mathcal P|} \sum_{\mathcal P} d_{ij}^2
+          + w_- \frac{1}{|\mathcal N|} \sum_{\mathcal N} \max(0, m - d_{ij})^2
+
+    A batch without positive (or negative) pairs gives 0 for that term, not NaN. Embeddings are used
+    as they are (not normalized). Coinciding embeddings (:math:`d = 0`) have finite gradients: the
+    positive term uses :math:`d^2` directly and :math:`d` is :func:`safe_sqrt` (gradient 0 at 0, where
+    the hinge has no gradient). Distances come from :func:`pairwise_squared_distances` (no ``[N, N, D]``
+    tensor).
+
+    Args:
+        embeddings: ``[N, D]`` floating (computed in float32, or float64 for float64 inputs).
+        target: ``[N]`` integer class labels (any values; only equality matters).
+        margin: :math:`m > 0`, the distance beyond which negative pairs cost nothing.
+        negative_weight: :math:`w_- \ge 0`, the weight of the negative term.
+
+    >>> embeddings = torch.tensor([[0.0, 0.0], [0.5, 0.0], [2.0, 0.0]])
+    >>> contrastive_loss(embeddings, torch.tensor([0, 0, 1]), margin=2.0)  # 0.5² + (0² + 0.5²) / 2
+    tensor(0.3750)
+    """
+    return _contrastive(embeddings, target, margin, negative_weight, with_metrics=False)[0]
+
+
+def contrastive_loss_with_metrics(
+    embeddings: Tensor, target: Tensor, *, margin: float = 1.0, negative_weight: float = 1.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`contrastive_loss` and its detached metrics: ``contrastive_loss`` (the loss),
+    ``positive_loss``, ``negative_loss`` (unweighted), ``mean_positive_distance`` and
+    ``mean_negative_distance`` (means of :math:`d` over the pairs; 0 without such pairs).
+
+    >>> loss, metrics = contrastive_loss_with_metrics(torch.tensor([[0.0], [3.0]]), torch.tensor([0, 1]))
+    >>> loss, metrics["mean_negative_distance"]
+    (tensor(0.), tensor(3.))
+    """
+    return _contrastive(embeddings, target, margin, negative_weight, with_metrics=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# InfoNCE / NT-Xent (van den Oord et al. 2018; Chen et al. 2020)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _similarity_logits(z: Tensor, temperature: float, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(z', logits, not_self)``: normalized rows, ``z' z'^T / τ`` with ``-inf`` on the diagonal."""
+    if normalize:
+        z = F.normalize(z, dim=-1)
+    not_self = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(~not_self, float("-inf"))
+    return z, logits, not_self
+
+
+def _info_nce(
+    embeddings: Tensor,
+    positive_embeddings: Tensor,
+    temperature: float,
+    normalize: bool,
+    with_metrics: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    check_floating("embeddings", embeddings)
+    check_floating("positive_embeddings", positive_embeddings)
+    check_ndim("embeddings", embeddings, 2)
+    check_same_shape("embeddings", embeddings, "positive_embeddings", positive_embeddings)
+    _check_positive("temperature", temperature)
+
+    wide = torch.float64 in (embeddings.dtype, positive_embeddings.dtype)
+    dtype = torch.float64 if wide else torch.float32
+    z = torch.cat([embeddings.to(dtype), positive_embeddings.to(dtype)])
+    num_pairs = len(embeddings)
+    _, logits, not_self = _similarity_logits(z, temperature, normalize)
+    anchors = torch.arange(2 * num_pairs, device=z.device)
+    partner = (anchors + num_pairs) % (2 * num_pairs)  # view 1 ↔ view 2
+    positive_logit = logits[anchors, partner]
+    log_prob_positive = positive_logit - torch.logsumexp(logits, dim=1)
+    loss = divide_by_count(-log_prob_positive.sum(), 2 * num_pairs)
+    if not with_metrics:
+        return loss, {}
+    with torch.no_grad():
+        is_partner = torch.zeros_like(not_self)
+        is_partner[anchors, partner] = True
+        negatives = not_self & ~is_partner
+        similarity = logits * temperature
+        metrics = {
+            "accuracy": divide_by_count((logits.argmax(dim=1) == partner).to(dtype).sum(), 2 * num_pairs),
+            "mean_positive_similarity": divide_by_count(positive_logit.sum() * temperature, 2 * num_pairs),
+            "mean_negative_similarity": divide_by_count(
+                torch.where(negatives, similarity, 0.0).sum(), negatives.sum()
+            ),
+        }
+    return loss, metrics
+
+
+def info_nce_loss(
+    embeddings: Tensor, positive_embeddings: Tensor, *, temperature: float = 0.1, normalize: bool = True
+) -> Tensor:
+    r"""InfoNCE over two views, the NT-Xent loss of SimCLR (Chen et al., ICML 2020; van den Oord et al.
+    2018, "Representation Learning with Contrastive Predictive Coding").
+
+    The :math:`2N` rows :math:`z` of both views are anchors; the positive :math:`p(i)` of an anchor is
+    its other view, the other :math:`2N - 2` rows are its negatives. With
+    :math:`s_{ij} = z_i^\top z_j / \tau`:
+
+    .. math::
+        L = \frac{1}{2N} \sum_{i=1}^{2N} -\Big(s_{i,p(i)} - \log \sum_{k \ne i} e^{s_{ik}}\Big)
+
+    computed with ``logsumexp`` (no overflow, no eps). With ``normalize=True`` (default) rows are
+    L2-normalized first, so :math:`s` is the cosine similarity over :math:`\tau`; with ``False`` the raw
+    dot products are used.
+
+    Args:
+        embeddings: ``[N, D]`` first view (floating; computed in float32, or float64).
+        positive_embeddings: ``[N, D]`` second view; row ``i`` is the positive of row ``i``.
+        temperature: :math:`\tau > 0`.
+        normalize: L2-normalize the rows first.
+
+    >>> views = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> info_nce_loss(views, views, temperature=1.0)  # -log(e / (e + 2))
+    tensor(0.5514)
+    """
+    return _info_nce(embeddings, positive_embeddings, temperature, normalize, with_metrics=False)[0]
+
+
+def info_nce_loss_with_metrics(
+    embeddings: Tensor, positive_embeddings: Tensor, *, temperature: float = 0.1, normalize: bool = True
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`info_nce_loss` and its detached metrics: ``accuracy`` (share of anchors whose most
+    similar other row is their positive), ``mean_positive_similarity`` and ``mean_negative_similarity``
+    (cosine similarities when normalized, dot products otherwise; not divided by τ).
+
+    >>> views = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> info_nce_loss_with_metrics(views, views)[1]["accuracy"]
+    tensor(1.)
+    """
+    return _info_nce(embeddings, positive_embeddings, temperature, normalize, with_metrics=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# supervised contrastive (Khosla et al. 2020)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _supervised_contrastive(
+    embeddings: Tensor, target: Tensor, temperature: float, normalize: bool, with_metrics: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    check_floating("embeddings", embeddings)
+    check_ndim("embeddings", embeddings, (2, 3))
+    _check_labels("target", target, "embeddings", embeddings)
+    _check_positive("temperature", temperature)
+
+    dtype = _compute_dtype(embeddings)
+    num_views = embeddings.shape[1] if embeddings.ndim == 3 else 1
+    z = embeddings.reshape(embeddings.shape[0] * num_views, embeddings.shape[-1]).to(dtype)
+    labels = target.repeat_interleave(num_views)  # row n·V + v is view v of sample n
+    if len(z) < 2:  # one row: no pair at all (and a logsumexp over nothing), so 0 with zero gradient
+        loss = (z * 0).sum()
+        keys = ("anchors_with_positives", "mean_positive_similarity", "mean_negative_similarity")
+        return loss, (dict.fromkeys(keys, loss.detach()) if with_metrics else {})
+
+    z, logits, not_self = _similarity_logits(z, temperature, normalize)
+    positives = (labels[:, None] == labels[None, :]) & not_self
+    num_positives = positives.sum(dim=1)
+    has_positive = num_positives > 0
+    # Σ_{p∈P(i)} log_softmax_ip = Σ_{p∈P(i)} s_ip − |P(i)| · logsumexp_{a≠i} s_ia (no [M, M] log-prob)
+    positive_logit_sum = torch.where(positives, logits, 0.0).sum(dim=1)
+    log_normalizer = torch.logsumexp(logits, dim=1)
+    mean_log_prob = (positive_logit_sum - num_positives * log_normalizer) / num_positives.clamp(min=1)
+    per_anchor = torch.where(has_positive, -mean_log_prob, 0.0)
+    loss = divide_by_count(per_anchor.sum(), has_positive.sum())
+    if not with_metrics:
+        return loss, {}
+    with torch.no_grad():
+        similarity = torch.where(not_self, logits * temperature, 0.0)
+        negatives = not_self & ~positives
+        metrics = {
+            "anchors_with_positives": has_positive.to(dtype).mean(),
+            "mean_positive_similarity": divide_by_count(
+                torch.where(positives, similarity, 0.0).sum(), num_positives.sum()
+            ),
+            "mean_negative_similarity": divide_by_count(
+                torch.where(negatives, similarity, 0.0).sum(), negatives.sum()
+            ),
+        }
+    return loss, metrics
+
+
+def supervised_contrastive_loss(
+    embeddings: Tensor, target: Tensor, *, temperature: float = 0.1, normalize: bool = True
+) -> Tensor:
+    r"""Supervised contrastive loss, the :math:`\mathcal L^{sup}_{out}` form of Khosla et al.,
+    "Supervised Contrastive Learning", NeurIPS 2020.
+
+    The :math:`M = N V` rows (every view of every sample) are anchors. For anchor :math:`i`,
+    :math:`A(i)` is every other row and :math:`P(i) = \{p \in A(i): y_p = y_i\}` its positives (its
+    other views and the views of same-label samples). With :math:`s_{ij} = z_i^\top z_j / \tau`:
+
+    .. math::
+        L = \frac{1}{|I^+|} \sum_{i \in I^+} \frac{-1}{|P(i)|} \sum_{p \in P(i)}
+            \Big(s_{ip} - \log \sum_{a \in A(i)} e^{s_{ia}}\Big)
+
+    where :math:`I^+` are the anchors with at least one positive; the others do not count. A batch
+    without any positive pair gives 0 with a zero gradient. Computed with ``logsumexp``. With
+    ``normalize=True`` (default) rows are L2-normalized first (cosine similarity, as in the paper).
+    Two views and all labels distinct is :func:`info_nce_loss` (SimCLR). The official code's extra
+    factor ``temperature / base_temperature`` is left out (it is 1 at its defaults).
+
+    Args:
+        embeddings: ``[N, D]`` or ``[N, V, D]`` (``V`` views per sample), floating.
+        target: ``[N]`` integer class labels (any values; only equality matters).
+        temperature: :math:`\tau > 0`.
+        normalize: L2-normalize the rows first.
+
+    >>> embeddings = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> supervised_contrastive_loss(embeddings, torch.tensor([0, 0, 1]), temperature=1.0)  # log(1 + e⁻¹)
+    tensor(0.3133)
+    """
+    return _supervised_contrastive(embeddings, target, temperature, normalize, with_metrics=False)[0]
+
+
+def supervised_contrastive_loss_with_metrics(
+    embeddings: Tensor, target: Tensor, *, temperature: float = 0.1, normalize: bool = True
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`supervised_contrastive_loss` and its detached metrics: ``anchors_with_positives`` (the
+    share of anchors that count), ``mean_positive_similarity`` and ``mean_negative_similarity``
+    (over all positive / negative pairs; cosine when normalized, not divided by τ).
+
+    >>> embeddings = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> loss, metrics = supervised_contrastive_loss_with_metrics(embeddings, torch.tensor([0, 0, 1]))
+    >>> metrics["anchors_with_positives"], metrics["mean_negative_similarity"]
+    (tensor(0.6667), tensor(0.))
+    """
+    return _supervised_contrastive(embeddings, target, temperature, normalize, with_metrics=True)

@@ -1,0 +1,203 @@
+"""Knowledge distillation: temperature-softened KL / reverse KL / generalized JSD, plus the task term."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_losses.functional.cross_entropy import cross_entropy
+from lightning_losses.protocol import check_floating, check_mask, check_ndim, check_same_shape
+from lightning_losses.reduction import masked_mean
+
+__all__ = ["DistillationTerms", "distillation_loss", "kl_divergence"]
+
+Direction = Literal["forward", "reverse", "jsd"]
+DIRECTIONS: tuple[str, ...] = ("forward", "reverse", "jsd")
+
+
+class DistillationTerms(NamedTuple):
+    """What :func:`distillation_loss` returns: ``loss, kl_loss, task_loss = distillation_loss(...)``.
+
+    ``kl_loss`` is the divergence term already scaled by ``T²``; ``task_loss`` is None without targets.
+    """
+
+    loss: Tensor
+    kl_loss: Tensor
+    task_loss: Tensor | None
+
+
+def check_distillation_options(temperature: float, direction: str, beta: float) -> None:
+    """Raise ``ValueError`` for a temperature ≤ 0, an unknown direction or β outside (0, 1)."""
+    if not temperature > 0:
+        raise ValueError(f"`temperature` must be positive, got {temperature}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"`direction` must be one of {list(DIRECTIONS)}, got {direction!r}")
+    if direction == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"`beta` must be in (0, 1) for direction='jsd', got {beta}")
+
+
+def _kl_per_row(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(P ‖ Q) = Σ_c p_c (log p_c − log q_c)`` over the last dimension, from log-probabilities.
+
+    A class with ``p_c = 0`` (a ``-inf`` logit) contributes 0 (the convention ``0·log 0 = 0``);
+    ``F.kl_div`` alone would give ``0·(−inf) = NaN`` there.
+    """
+    terms = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    return torch.where(torch.isneginf(log_p), torch.zeros_like(terms), terms).sum(-1)
+
+
+def _divergence_per_row(log_teacher: Tensor, log_student: Tensor, direction: str, beta: float) -> Tensor:
+    if direction == "forward":
+        return _kl_per_row(log_teacher, log_student)
+    if direction == "reverse":
+        return _kl_per_row(log_student, log_teacher)
+    # generalized JSD, P = teacher, Q = student: log M = log(β·p + (1 − β)·q), by logsumexp of two terms
+    log_mixture = torch.logaddexp(log_teacher + math.log(beta), log_student + math.log1p(-beta))
+    return beta * _kl_per_row(log_teacher, log_mixture) + (1.0 - beta) * _kl_per_row(log_student, log_mixture)
+
+
+def _check_logits(logits: Tensor, teacher_logits: Tensor, mask: Tensor | None) -> None:
+    check_floating("logits", logits)
+    check_floating("teacher_logits", teacher_logits)
+    check_ndim("logits", logits, (2, 3))
+    check_same_shape("logits", logits, "teacher_logits", teacher_logits)
+    if mask is not None:
+        check_mask("mask", mask, logits.shape[:-1])
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def kl_divergence(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    global_valid_toks: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    direction: Direction = "forward",
+    beta: float = 0.5,
+) -> Tensor:
+    r"""Divergence between the teacher's and the student's temperature-softened distributions.
+
+    With :math:`p = \mathrm{softmax}(z^{t}/T)` (teacher, ``teacher_logits``) and
+    :math:`q = \mathrm{softmax}(z^{s}/T)` (student, ``logits``), per row (sample or token) :math:`i`:
+
+    - ``"forward"``: :math:`D_i = \mathrm{KL}(p\,\|\,q) = \sum_c p_c(\log p_c - \log q_c)` (Hinton et al.);
+    - ``"reverse"``: :math:`D_i = \mathrm{KL}(q\,\|\,p)` (mode-seeking);
+    - ``"jsd"``: the generalized Jensen–Shannon divergence with :math:`P` = teacher, :math:`Q` = student,
+      :math:`D_i = \beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M)`, :math:`M = \beta P + (1-\beta)Q`,
+      :math:`\beta \in (0, 1)` (Agarwal et al., 2024, "On-Policy Distillation of Language Models").
+      :math:`\beta = 0.5` is the symmetric Jensen–Shannon divergence, bounded by :math:`\log 2`;
+      swapping teacher and student is the same as replacing :math:`\beta` by :math:`1 - \beta`.
+
+    Everything is computed from ``log_softmax`` in log space (``log M`` by ``logaddexp``, a two-term
+    logsumexp), so confident logits give exact, finite values; a class with zero probability (a
+    ``-inf`` logit) contributes ``0·log 0 = 0``. No factor :math:`T^2` here (see
+    :func:`distillation_loss`).
+
+    Reduction, over valid rows (non-zero ``mask``; a float mask weighs them):
+
+    - without ``global_valid_toks``: :math:`\sum_i m_i D_i / \sum_i m_i`, the mean over valid rows, also
+      for ``[B, T, V]`` (not ``F.kl_div``'s ``batchmean``, which divides by ``B`` only);
+    - with ``global_valid_toks`` (TOKEN_LEVEL): :math:`\sum_i m_i D_i / \text{global\_valid\_toks}`.
+
+    No valid row gives exactly 0 with a zero gradient.
+
+    Args:
+        logits: the student's ``[N, C]`` or ``[B, T, V]`` logits, any floating dtype (computed in
+            float32, or float64 when an input is float64).
+        teacher_logits: the teacher's, same shape. Gradients flow into it too (detach it to freeze).
+        mask: optional, ``logits.shape[:-1]``; bool or float weights.
+        global_valid_toks: optional 0-dim count of valid rows of the global batch.
+        temperature: :math:`T > 0`.
+        direction: ``"forward"``, ``"reverse"`` or ``"jsd"``.
+        beta: :math:`\beta \in (0, 1)` of ``"jsd"`` (ignored otherwise).
+
+    >>> student, teacher = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    >>> kl_divergence(student, teacher)  # (σ(2) − σ(−2))·(log σ(2) − log σ(−2)) = 2·tanh(1)
+    tensor(1.5232)
+    >>> kl_divergence(student, teacher, direction="jsd")  # β = 0.5: symmetric, below log 2
+    tensor(0.3278)
+    """
+    _check_logits(logits, teacher_logits, mask)
+    check_distillation_options(temperature, direction, beta)
+    dtype = _compute_dtype(logits, teacher_logits)
+    log_student = F.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    per_row = _divergence_per_row(log_teacher, log_student, direction, beta)
+    return masked_mean(per_row, mask, global_valid_toks)
+
+
+def distillation_loss(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor | None = None,
+    mask: Tensor | None = None,
+    global_valid_toks: Tensor | None = None,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
+    direction: Direction = "forward",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+) -> DistillationTerms:
+    r"""Hinton et al.'s distillation objective (2015, "Distilling the Knowledge in a Neural Network").
+
+    .. math::
+        L = \alpha\,\mathrm{CE}(z^{s}, y) + (1 - \alpha)\,T^2\,D\big(\mathrm{softmax}(z^{t}/T),
+        \mathrm{softmax}(z^{s}/T)\big)
+
+    with :math:`D` the :func:`kl_divergence` of ``direction`` (forward KL by default) and CE the library's
+    :func:`~lightning_losses.functional.cross_entropy` on the student's unsoftened logits (mask and
+    ``ignore_index`` apply to it; the divergence uses the mask only). :math:`T^2` keeps the soft term's
+    gradients at the scale of the hard term's as :math:`T` changes. Without ``target``,
+    :math:`L = T^2 D` (``alpha`` is not used).
+
+    Both terms are means over valid rows, or sums divided by ``global_valid_toks`` (TOKEN_LEVEL).
+
+    Args:
+        logits: the student's ``[N, C]`` or ``[B, T, V]`` logits.
+        teacher_logits: the teacher's, same shape.
+        target: optional ``[N]`` / ``[B, T]`` class indices.
+        mask: optional, ``logits.shape[:-1]``; bool or float weights.
+        global_valid_toks: optional 0-dim count of valid rows of the global batch.
+        temperature: :math:`T > 0`.
+        alpha: weight :math:`\alpha \in [0, 1]` of the task (cross-entropy) term.
+        direction: ``"forward"``, ``"reverse"`` or ``"jsd"`` (see :func:`kl_divergence`).
+        beta: :math:`\beta \in (0, 1)` of ``"jsd"``.
+        ignore_index: target value the task term skips.
+
+    Returns:
+        ``DistillationTerms(loss, kl_loss, task_loss)``: ``kl_loss`` is :math:`T^2 D`; ``task_loss`` is
+        None without ``target``.
+
+    >>> student, teacher = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    >>> terms = distillation_loss(student, teacher, torch.tensor([0]), temperature=2.0, alpha=0.5)
+    >>> terms.kl_loss  # T²·KL of logits/T = [1, 0] vs [0, 1]: 4·tanh(0.5)
+    tensor(1.8485)
+    >>> terms.task_loss  # log(1 + e⁻²)
+    tensor(0.1269)
+    >>> terms.loss  # 0.5·task_loss + 0.5·kl_loss
+    tensor(0.9877)
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1], got {alpha}")
+    kl_loss = temperature**2 * kl_divergence(
+        logits,
+        teacher_logits,
+        mask,
+        global_valid_toks,
+        temperature=temperature,
+        direction=direction,
+        beta=beta,
+    )
+    if target is None:
+        return DistillationTerms(kl_loss, kl_loss, None)
+    task_loss = cross_entropy(logits, target, mask, global_valid_toks, ignore_index=ignore_index)
+    return DistillationTerms(alpha * task_loss + (1.0 - alpha) * kl_loss, kl_loss, task_loss)

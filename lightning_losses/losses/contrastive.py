@@ -1,0 +1,143 @@
+"""``ContrastiveLoss`` (``contrastive``), ``InfoNCELoss`` (``infonce``) and ``SupConLoss`` (``supcon``).
+
+Batch-level losses (``loss_type = None``): each averages over the pairs of its own batch, whose other
+elements are the negatives. Under DDP every rank contrasts its local batch only.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_losses.functional.contrastive import (
+    contrastive_loss_with_metrics,
+    info_nce_loss_with_metrics,
+    supervised_contrastive_loss_with_metrics,
+)
+from lightning_losses.protocol import LossFunction, LossOutput
+from lightning_losses.registry import register_loss
+
+__all__ = ["ContrastiveLoss", "InfoNCELoss", "SupConLoss"]
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"`{name}` must be positive, got {value}")
+
+
+@register_loss("contrastive")
+class ContrastiveLoss(LossFunction):
+    """Margin contrastive loss over every pair of a batch (Hadsell, Chopra & LeCun, CVPR 2006).
+
+    Mean squared distance of same-label pairs plus ``negative_weight`` times the mean of
+    ``max(0, margin - d)²`` over different-label pairs; see
+    :func:`lightning_losses.functional.contrastive.contrastive_loss`. Embeddings are not normalized.
+
+    Args:
+        margin: distance beyond which different-label pairs cost nothing (> 0).
+        negative_weight: weight of the negative term (≥ 0).
+
+    Inputs: ``embeddings [N, D]`` and ``target [N]`` integer labels.
+    Metrics: ``loss``, ``contrastive_loss``, ``positive_loss``, ``negative_loss``,
+    ``mean_positive_distance``, ``mean_negative_distance``.
+
+    >>> import torch
+    >>> loss, metrics = ContrastiveLoss(margin=2.0)(
+    ...     torch.tensor([[0.0, 0.0], [0.5, 0.0], [2.0, 0.0]]), torch.tensor([0, 0, 1])
+    ... )
+    >>> loss, metrics["mean_positive_distance"]
+    (tensor(0.3750), tensor(0.5000))
+    """
+
+    def __init__(self, margin: float = 1.0, negative_weight: float = 1.0) -> None:
+        super().__init__()
+        _check_positive("margin", margin)
+        if not negative_weight >= 0:
+            raise ValueError(f"`negative_weight` must be non-negative, got {negative_weight}")
+        self.margin = margin
+        self.negative_weight = negative_weight
+
+    def forward(self, embeddings: Tensor, target: Tensor) -> LossOutput:
+        loss, metrics = contrastive_loss_with_metrics(
+            embeddings, target, margin=self.margin, negative_weight=self.negative_weight
+        )
+        return LossOutput(loss, {"loss": loss.detach(), **metrics})
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, negative_weight={self.negative_weight}"
+
+
+@register_loss("infonce")
+class InfoNCELoss(LossFunction):
+    """InfoNCE / NT-Xent over two views (SimCLR, Chen et al. 2020; van den Oord et al. 2018).
+
+    Each of the ``2N`` rows is an anchor whose positive is its other view and whose negatives are the
+    other ``2N - 2`` rows; see :func:`lightning_losses.functional.contrastive.info_nce_loss`.
+
+    Args:
+        temperature: τ > 0 dividing the similarities.
+        normalize: L2-normalize the embeddings first (cosine similarity); ``False`` uses dot products.
+
+    Inputs: ``embeddings [N, D]`` and ``positive_embeddings [N, D]`` (row ``i`` of each is a view of
+    the same sample).
+    Metrics: ``loss``, ``accuracy`` (the positive is the most similar other row),
+    ``mean_positive_similarity``, ``mean_negative_similarity``.
+
+    >>> import torch
+    >>> views = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> loss, metrics = InfoNCELoss(temperature=1.0)(views, views)
+    >>> loss, metrics["accuracy"]
+    (tensor(0.5514), tensor(1.))
+    """
+
+    def __init__(self, temperature: float = 0.1, normalize: bool = True) -> None:
+        super().__init__()
+        _check_positive("temperature", temperature)
+        self.temperature = temperature
+        self.normalize = normalize
+
+    def forward(self, embeddings: Tensor, positive_embeddings: Tensor) -> LossOutput:
+        loss, metrics = info_nce_loss_with_metrics(
+            embeddings, positive_embeddings, temperature=self.temperature, normalize=self.normalize
+        )
+        return LossOutput(loss, {"loss": loss.detach(), **metrics})
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, normalize={self.normalize}"
+
+
+@register_loss("supcon")
+class SupConLoss(LossFunction):
+    """Supervised contrastive loss, L_out form (Khosla et al., NeurIPS 2020).
+
+    Every view of every sample is an anchor; its positives are the other rows with its label. Anchors
+    without a positive do not count; a batch without positive pairs gives 0. See
+    :func:`lightning_losses.functional.contrastive.supervised_contrastive_loss`.
+
+    Args:
+        temperature: τ > 0 dividing the similarities.
+        normalize: L2-normalize the embeddings first (cosine similarity); ``False`` uses dot products.
+
+    Inputs: ``embeddings [N, D]`` or ``[N, V, D]`` (``V`` views) and ``target [N]`` integer labels.
+    Metrics: ``loss``, ``anchors_with_positives``, ``mean_positive_similarity``,
+    ``mean_negative_similarity``.
+
+    >>> import torch
+    >>> loss_fn = SupConLoss(temperature=1.0)
+    >>> loss_fn(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0, 1])).loss
+    tensor(0.3133)
+    """
+
+    def __init__(self, temperature: float = 0.1, normalize: bool = True) -> None:
+        super().__init__()
+        _check_positive("temperature", temperature)
+        self.temperature = temperature
+        self.normalize = normalize
+
+    def forward(self, embeddings: Tensor, target: Tensor) -> LossOutput:
+        loss, metrics = supervised_contrastive_loss_with_metrics(
+            embeddings, target, temperature=self.temperature, normalize=self.normalize
+        )
+        return LossOutput(loss, {"loss": loss.detach(), **metrics})
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, normalize={self.normalize}"

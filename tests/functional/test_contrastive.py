@@ -1,0 +1,448 @@
+"""Contrastive family: ContrastiveLoss, InfoNCELoss, SupConLoss against brute-force float64 loops."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_losses.functional.contrastive import (
+    contrastive_loss,
+    contrastive_loss_with_metrics,
+    info_nce_loss,
+    info_nce_loss_with_metrics,
+    pairwise_squared_distances,
+    supervised_contrastive_loss,
+    supervised_contrastive_loss_with_metrics,
+)
+from lightning_losses.losses.contrastive import ContrastiveLoss, InfoNCELoss, SupConLoss
+from lightning_losses.registry import build_loss
+from tests.loss_tester import LossTester
+
+# ----------------------------------------------------------------------------------------------------
+# brute-force references: Python loops over anchors and pairs in float64
+# ----------------------------------------------------------------------------------------------------
+
+
+def rows_of(tensor):
+    return [[float(v) for v in row] for row in tensor.reshape(-1, tensor.shape[-1]).tolist()]
+
+
+def brute_force_contrastive(embeddings, target, margin=1.0, negative_weight=1.0):
+    """``(loss, metrics, gradient)``: every ordered pair i≠j, exact distances, hand-derived gradient."""
+    x, labels = rows_of(embeddings), target.tolist()
+    n, dim = len(x), len(x[0]) if x else 0
+    positive, negative = [], []
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                (positive if labels[i] == labels[j] else negative).append((i, j, math.dist(x[i], x[j])))
+    grad = [[0.0] * dim for _ in range(n)]
+    positive_loss = sum(d * d for _, _, d in positive) / len(positive) if positive else 0.0
+    negative_loss = (
+        sum(max(0.0, margin - d) ** 2 for _, _, d in negative) / len(negative) if negative else 0.0
+    )
+    for i, j, _ in positive:  # d(d²)/dx_i = 2 (x_i − x_j)
+        for k in range(dim):
+            grad[i][k] += 2 * (x[i][k] - x[j][k]) / len(positive)
+            grad[j][k] -= 2 * (x[i][k] - x[j][k]) / len(positive)
+    for i, j, d in negative:  # d/dx_i max(0, m − d)² = −2 max(0, m − d) (x_i − x_j) / d; 0 at d = 0
+        if d > 0:
+            scale = -2 * max(0.0, margin - d) / d * negative_weight / len(negative)
+            for k in range(dim):
+                grad[i][k] += scale * (x[i][k] - x[j][k])
+                grad[j][k] -= scale * (x[i][k] - x[j][k])
+    loss = positive_loss + negative_weight * negative_loss
+    metrics = {
+        "contrastive_loss": loss,
+        "positive_loss": positive_loss,
+        "negative_loss": negative_loss,
+        "mean_positive_distance": sum(d for *_, d in positive) / len(positive) if positive else 0.0,
+        "mean_negative_distance": sum(d for *_, d in negative) / len(negative) if negative else 0.0,
+    }
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return as_tensor(loss), {k: as_tensor(v) for k, v in metrics.items()}, as_tensor(grad)
+
+
+def similarity_rows(rows, temperature, normalize):
+    if normalize:
+        rows = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in rows]
+    return [[sum(a * b for a, b in zip(r, s, strict=True)) / temperature for s in rows] for r in rows]
+
+
+def log_softmax_excluding_self(sim, i, j):
+    others = [sim[i][k] for k in range(len(sim)) if k != i]
+    top = max(others)
+    return sim[i][j] - (top + math.log(sum(math.exp(v - top) for v in others)))
+
+
+def brute_force_info_nce(embeddings, positive_embeddings, temperature=0.1, normalize=True):
+    rows = rows_of(embeddings) + rows_of(positive_embeddings)
+    n = len(rows) // 2
+    sim = similarity_rows(rows, temperature, normalize)
+    total = sum(-log_softmax_excluding_self(sim, i, (i + n) % (2 * n)) for i in range(2 * n))
+    return torch.tensor(total / (2 * n), dtype=torch.float64)
+
+
+def brute_force_supcon(embeddings, target, temperature=0.1, normalize=True):
+    """L_out: for every row (view) with at least one other row of its label, the mean over those of
+    −log softmax; averaged over such rows; 0 when there are none."""
+    views = embeddings.shape[1] if embeddings.ndim == 3 else 1
+    rows = rows_of(embeddings)
+    labels = [label for label in target.tolist() for _ in range(views)]
+    sim = similarity_rows(rows, temperature, normalize)
+    per_anchor = []
+    for i in range(len(rows)):
+        positives = [p for p in range(len(rows)) if p != i and labels[p] == labels[i]]
+        if positives:
+            per_anchor.append(-sum(log_softmax_excluding_self(sim, i, p) for p in positives) / len(positives))
+    return torch.tensor(sum(per_anchor) / len(per_anchor) if per_anchor else 0.0, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the shared checks
+# ----------------------------------------------------------------------------------------------------
+
+
+class TestContrastive(LossTester):
+    functional = staticmethod(contrastive_loss)
+    module_class = ContrastiveLoss
+    option_sets = [{}, {"margin": 2.0, "negative_weight": 0.5}, {"margin": 0.7, "negative_weight": 3.0}]
+    grad_inputs = ("embeddings",)
+    config = "digits_contrastive.yaml"
+
+    def make_inputs(self, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        embeddings = (0.6 * torch.randn(10, 4, generator=g) + 2.0).to(dtype)  # offset from the origin
+        return {"embeddings": embeddings, "target": torch.randint(0, 3, (10,), generator=g)}
+
+    def reference(self, embeddings, target, **options):
+        return brute_force_contrastive(embeddings, target, **options)[0]
+
+
+class TestInfoNCE(LossTester):
+    functional = staticmethod(info_nce_loss)
+    module_class = InfoNCELoss
+    option_sets = [{}, {"temperature": 0.5}, {"temperature": 0.3, "normalize": False}]
+    grad_inputs = ("embeddings", "positive_embeddings")
+
+    def make_inputs(self, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        embeddings = torch.randn(6, 5, generator=g)
+        positive = embeddings + 0.7 * torch.randn(6, 5, generator=g)
+        return {"embeddings": embeddings.to(dtype), "positive_embeddings": positive.to(dtype)}
+
+    def reference(self, embeddings, positive_embeddings, **options):
+        return brute_force_info_nce(embeddings, positive_embeddings, **options)
+
+
+class TestSupCon(LossTester):
+    functional = staticmethod(supervised_contrastive_loss)
+    module_class = SupConLoss
+    # option set i uses the inputs of seed i: [N, D] with anchors lacking positives, [N, 2, D], [N, 3, D]
+    option_sets = [{}, {"temperature": 0.5}, {"temperature": 0.2, "normalize": False}]
+    grad_inputs = ("embeddings",)
+    config = "digits_supcon.yaml"
+
+    def make_inputs(self, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        shape = [(8, 5), (6, 2, 5), (5, 3, 5)][seed % 3]
+        target = torch.tensor([0, 1, 1, 2, 0, 3, 2, 9])[: shape[0]]  # 3 and 9 are alone in [N, D]
+        return {"embeddings": torch.randn(*shape, generator=g).to(dtype), "target": target}
+
+    def reference(self, embeddings, target, **options):
+        return brute_force_supcon(embeddings, target, **options)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ContrastiveLoss
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_contrastive_metrics_match_brute_force():
+    g = torch.Generator().manual_seed(3)
+    embeddings = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 4, (12,), generator=g)
+    loss, metrics = ContrastiveLoss(margin=2.5, negative_weight=0.7)(embeddings, target)
+    expected_loss, expected, _ = brute_force_contrastive(embeddings, target, margin=2.5, negative_weight=0.7)
+    torch.testing.assert_close(loss, expected_loss)
+    assert sorted(metrics) == sorted(["loss", *expected])
+    for key, value in expected.items():
+        torch.testing.assert_close(metrics[key], value, msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_contrastive_coinciding_embeddings_have_finite_correct_gradients(dtype):
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    embeddings[3] = embeddings[0]  # same label: a positive pair at d = 0 (gradient of d² is 0)
+    embeddings[5] = embeddings[1]  # different labels: a negative pair at d = 0 (hinge: subgradient 0)
+    embeddings[8] = embeddings[1]  # a third copy, of a third label
+    target = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 3])
+    expected_loss, _, expected_grad = brute_force_contrastive(embeddings, target, margin=3.0)
+    x = embeddings.to(dtype).requires_grad_()
+    loss = contrastive_loss(x, target, margin=3.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    # fp32: distances near 0 are resolved to ~sqrt(eps)·|x| by the Gram formula (see its docstring)
+    tolerance = 1e-3 if dtype == torch.float32 else 1e-6
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(x.grad.double(), expected_grad, rtol=tolerance, atol=tolerance)
+
+
+def test_contrastive_gradient_matches_hand_derived_one():
+    g = torch.Generator().manual_seed(5)
+    embeddings = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 0, 1, 1, 2, 0, 1])
+    contrastive_loss(embeddings, target, margin=2.0, negative_weight=0.5).backward()
+    _, _, expected = brute_force_contrastive(embeddings.detach(), target, margin=2.0, negative_weight=0.5)
+    torch.testing.assert_close(embeddings.grad, expected)
+
+
+def test_contrastive_collapsed_batch():
+    """Every embedding equal: all distances 0, so the loss is w·m² and no gradient is NaN."""
+    x = torch.ones(6, 3, requires_grad=True)
+    loss = contrastive_loss(x, torch.tensor([0, 0, 1, 1, 2, 2]), margin=1.5, negative_weight=2.0)
+    loss.backward()
+    assert loss.item() == 2.0 * 1.5**2
+    assert torch.count_nonzero(x.grad) == 0
+
+
+@pytest.mark.parametrize(
+    ("target", "empty_term"), [([0, 1, 2, 3], "positive_loss"), ([4, 4, 4, 4], "negative_loss")]
+)
+def test_contrastive_batch_without_positive_or_negative_pairs(target, empty_term):
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    loss, metrics = ContrastiveLoss(margin=10.0)(x, torch.tensor(target))
+    loss.backward()
+    assert metrics[empty_term].item() == 0.0 and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss, brute_force_contrastive(x.detach(), torch.tensor(target), 10.0)[0])
+    assert loss.item() > 0  # the other term is still there
+
+
+def test_contrastive_single_embedding_is_zero_with_zero_gradient():
+    x = torch.randn(1, 3, requires_grad=True)
+    loss = contrastive_loss(x, torch.tensor([0]))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+
+
+def test_pairwise_squared_distances_are_accurate_far_from_the_origin():
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(50, 16, generator=g) + 300.0).float()  # ‖x‖² ≈ 1.4e6, d² ≈ 32
+    wide = x.double()
+    expected = ((wide[:, None] - wide[None]) ** 2).sum(-1)  # [N, N, D]: fine for a test
+    actual = pairwise_squared_distances(x)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(actual.diagonal(), torch.zeros(50))
+
+
+def test_contrastive_has_no_temperature():
+    """The guide's config read a `temperature` that did nothing; this loss takes no such parameter."""
+    with pytest.raises(ValueError, match="temperature"):
+        build_loss({"name": "contrastive", "params": {"temperature": 0.1}})
+
+
+# ----------------------------------------------------------------------------------------------------
+# InfoNCE
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_info_nce_equals_simclr_cross_entropy_form(normalize):
+    """SimCLR's formulation: cross-entropy over [2N, 2N] similarities, the diagonal masked out."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 16, 8, generator=g, dtype=torch.float64)
+    z = torch.cat([a, b])
+    z = F.normalize(z, dim=1) if normalize else z
+    logits = z @ z.T / 0.2 - torch.eye(32, dtype=torch.float64) * 1e9
+    labels = torch.cat([torch.arange(16, 32), torch.arange(16)])
+    expected = F.cross_entropy(logits, labels)
+    torch.testing.assert_close(info_nce_loss(a, b, temperature=0.2, normalize=normalize), expected)
+
+
+def test_info_nce_metrics():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[2.0, 0.1], [1.0, 1.0], [0.0, 3.0]], dtype=torch.float64)
+    loss, metrics = InfoNCELoss(temperature=0.5)(a, b)
+    rows = F.normalize(torch.cat([a, b]), dim=1).tolist()
+    cosine = [[sum(u * v for u, v in zip(r, s, strict=True)) for s in rows] for r in rows]
+    partner = [3, 4, 5, 0, 1, 2]
+    hits = [max((k for k in range(6) if k != i), key=lambda k: cosine[i][k]) == partner[i] for i in range(6)]
+    negatives = [cosine[i][k] for i in range(6) for k in range(6) if k not in (i, partner[i])]
+    torch.testing.assert_close(metrics["accuracy"].double(), torch.tensor(sum(hits) / 6, dtype=torch.float64))
+    positives = [cosine[i][partner[i]] for i in range(6)]
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(metrics["mean_positive_similarity"], as_tensor(sum(positives) / 6))
+    torch.testing.assert_close(metrics["mean_negative_similarity"], as_tensor(sum(negatives) / 24))
+    torch.testing.assert_close(loss, brute_force_info_nce(a, b, temperature=0.5))
+
+
+def test_info_nce_large_logits_stay_finite():
+    a = torch.randn(8, 4) * 1e3
+    b = (a + torch.randn(8, 4)).requires_grad_()
+    loss = info_nce_loss(a, b, temperature=0.01, normalize=False)  # logits ~ 1e8: exp would overflow
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(b.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# SupCon
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_supcon_with_two_views_and_distinct_labels_is_info_nce():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 10, 6, generator=g, dtype=torch.float64)
+    supcon = supervised_contrastive_loss(torch.stack([a, b], dim=1), torch.arange(10), temperature=0.3)
+    torch.testing.assert_close(supcon, info_nce_loss(a, b, temperature=0.3))
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (1, 4), (1, 1, 4)])
+def test_supcon_without_positive_pairs_is_exactly_zero_with_zero_gradient(shape):
+    x = torch.randn(*shape, requires_grad=True)
+    loss, metrics = SupConLoss()(x, torch.arange(shape[0]))
+    loss.backward()
+    assert loss.item() == 0.0 and metrics["anchors_with_positives"].item() == 0.0
+    assert x.grad is not None and torch.count_nonzero(x.grad) == 0
+
+
+def test_supcon_anchors_without_positives_do_not_count():
+    """Hand-computed: rows 0 and 1 (label 0) are each other's positive, row 2 (label 1) has none."""
+    x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], dtype=torch.float64)
+    loss = supervised_contrastive_loss(x, torch.tensor([0, 0, 1]), temperature=1.0)
+    # anchor 0: s01 = 0.6, s02 = 0;  anchor 1: s10 = 0.6, s12 = 0.8
+    anchor0 = -(0.6 - math.log(math.exp(0.6) + 1.0))
+    anchor1 = -(0.6 - math.log(math.exp(0.6) + math.exp(0.8)))
+    torch.testing.assert_close(loss, torch.tensor((anchor0 + anchor1) / 2, dtype=torch.float64))
+
+
+def test_supcon_labels_are_compared_not_ranged():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 2, 3, generator=g)
+    loss = supervised_contrastive_loss(x, torch.tensor([-5, 1000, -5, 7, 1000, 7]))
+    torch.testing.assert_close(loss, supervised_contrastive_loss(x, torch.tensor([0, 1, 0, 2, 1, 2])))
+
+
+def test_supcon_metrics():
+    x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
+    _, metrics = SupConLoss()(x, torch.tensor([0, 0, 1, 2]))
+    # cosines: (0,1) 0.6 positive; negatives (0,2) 0, (0,3) 0, (1,2) 0.8, (1,3) -0.8, (2,3) -1
+    torch.testing.assert_close(metrics["mean_positive_similarity"], torch.tensor(0.6, dtype=torch.float64))
+    torch.testing.assert_close(
+        metrics["mean_negative_similarity"], torch.tensor(-1.0 / 5, dtype=torch.float64)
+    )
+    assert metrics["anchors_with_positives"].item() == 0.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# all three
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "kwargs"),
+    [
+        ("contrastive", ContrastiveLoss, {"margin": 2.0}),
+        ("infonce", InfoNCELoss, {"temperature": 0.2}),
+        ("supcon", SupConLoss, {"temperature": 0.2, "normalize": False}),
+    ],
+)
+def test_registered_names(name, cls, kwargs):
+    loss = build_loss({"name": name, "params": kwargs})
+    assert type(loss) is cls and all(getattr(loss, k) == v for k, v in kwargs.items())
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, t: contrastive_loss_with_metrics(x, t),
+        lambda x, t: info_nce_loss_with_metrics(x, x.flip(0)),
+        lambda x, t: supervised_contrastive_loss_with_metrics(torch.stack([x, x.flip(0)], dim=1), t),
+    ],
+    ids=["contrastive", "infonce", "supcon"],
+)
+def test_a_batch_of_1024_by_128(call):
+    """No [N, N, D] intermediate (that would be 512 MiB in fp32 here); forward and backward run."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 128, generator=g, requires_grad=True)
+    loss, metrics = call(x, torch.randint(0, 10, (1024,), generator=g))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert all(v.ndim == 0 and not v.requires_grad for v in metrics.values())
+
+
+LABELS = torch.zeros(4, dtype=torch.long)
+BAD_INPUTS = [
+    (contrastive_loss, {"embeddings": torch.ones(4, 2).long(), "target": LABELS}, TypeError,
+     "`embeddings` must be a floating"),
+    (contrastive_loss, {"embeddings": torch.ones(4, 2, 3), "target": LABELS}, ValueError,
+     r"`embeddings` must have 2 dimensions, got shape \(4, 2, 3\)"),
+    (contrastive_loss, {"embeddings": torch.ones(4, 2), "target": torch.zeros(4)}, TypeError,
+     "`target` must hold integer class labels"),
+    (contrastive_loss, {"embeddings": torch.ones(4, 2), "target": LABELS[:3]}, ValueError,
+     r"`target` must have shape \(4,\).*got \(3,\)"),
+    (contrastive_loss, {"embeddings": torch.ones(4, 2), "target": LABELS, "margin": 0.0}, ValueError,
+     "`margin` must be positive"),
+    (contrastive_loss, {"embeddings": torch.ones(4, 2), "target": LABELS, "negative_weight": -1.0},
+     ValueError, "`negative_weight` must be non-negative"),
+    (info_nce_loss, {"embeddings": torch.ones(4, 2), "positive_embeddings": torch.ones(3, 2)}, ValueError,
+     r"`embeddings` and `positive_embeddings` must have the same shape, got \(4, 2\) and \(3, 2\)"),
+    (info_nce_loss, {"embeddings": torch.ones(4, 2), "positive_embeddings": torch.ones(4, 2).int()},
+     TypeError, "`positive_embeddings` must be a floating"),
+    (info_nce_loss, {"embeddings": torch.ones(4, 2), "positive_embeddings": torch.ones(4, 2),
+     "temperature": 0.0}, ValueError, "`temperature` must be positive"),
+    (supervised_contrastive_loss, {"embeddings": torch.ones(4), "target": LABELS}, ValueError,
+     "`embeddings` must have 2 or 3 dimensions"),
+    (supervised_contrastive_loss, {"embeddings": torch.ones(4, 2, 3), "target": torch.zeros(4, 2).long()},
+     ValueError, r"`target` must have shape \(4,\)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fn", "kwargs", "error", "pattern"), BAD_INPUTS)
+def test_bad_inputs_name_the_argument(fn, kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        fn(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "pattern"),
+    [
+        (ContrastiveLoss, {"margin": -1.0}, "margin"),
+        (ContrastiveLoss, {"negative_weight": -0.5}, "negative_weight"),
+        (InfoNCELoss, {"temperature": 0.0}, "temperature"),
+        (SupConLoss, {"temperature": -0.1}, "temperature"),
+    ],
+)
+def test_bad_hyperparameters(cls, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the configs, end to end
+# ----------------------------------------------------------------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["digits_contrastive.yaml", "digits_supcon.yaml"])
+def test_config_reaches_95_percent_knn_validation_accuracy(config, tmp_path):
+    from lightning_losses.cli import build_cli
+
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / config),
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+        ]
+    )
+    best = cli.trainer.checkpoint_callback.best_model_score
+    assert best is not None and best.item() >= 0.95, best
+    assert cli.trainer.callback_metrics["val/knn_accuracy"] >= 0.95

@@ -1,0 +1,448 @@
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from lightning_losses import LossModule
+from lightning_losses.examples import MLP, DictDataset
+from lightning_losses.functional.cross_entropy import cross_entropy
+from lightning_losses.functional.distillation import distillation_loss, kl_divergence
+from lightning_losses.losses.distillation import KLDivergenceLoss
+from lightning_losses.registry import build_loss
+from tests.helpers import quiet_trainer
+from tests.loss_tester import CONFIGS, LossTester
+
+# ----------------------------------------------------------------------------------------------------
+# independent references: Python loops over rows and classes in float64, on probabilities
+# ----------------------------------------------------------------------------------------------------
+
+
+def softened(row, temperature):
+    top = max(row)
+    exps = [math.exp((x - top) / temperature) for x in row]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def brute_force_kl(p, q):
+    return sum(pc * math.log(pc / qc) for pc, qc in zip(p, q, strict=True) if pc > 0)
+
+
+def brute_force_divergence(p_teacher, q_student, direction, beta):
+    if direction == "forward":
+        return brute_force_kl(p_teacher, q_student)
+    if direction == "reverse":
+        return brute_force_kl(q_student, p_teacher)
+    mixture = [beta * p + (1 - beta) * q for p, q in zip(p_teacher, q_student, strict=True)]
+    return beta * brute_force_kl(p_teacher, mixture) + (1 - beta) * brute_force_kl(q_student, mixture)
+
+
+def brute_force_distillation(
+    logits,
+    teacher_logits,
+    target=None,
+    mask=None,
+    temperature=4.0,
+    alpha=0.7,
+    direction="forward",
+    beta=0.5,
+    ignore_index=-100,
+):
+    """α·CE + (1 − α)·T²·D, each a (mask-weighted) mean over valid rows; T²·D alone without target."""
+    num_classes = logits.shape[-1]
+    rows = logits.reshape(-1, num_classes).tolist()
+    teacher_rows = teacher_logits.reshape(-1, num_classes).tolist()
+    weights = [1.0] * len(rows) if mask is None else mask.reshape(-1).double().tolist()
+    kl_sum = kl_count = 0.0
+    for row, teacher_row, m in zip(rows, teacher_rows, weights, strict=True):
+        if m != 0:
+            p, q = softened(teacher_row, temperature), softened(row, temperature)
+            kl_sum += m * brute_force_divergence(p, q, direction, beta)
+            kl_count += m
+    kl_term = temperature**2 * (kl_sum / kl_count if kl_count else 0.0)
+    if target is None:
+        return torch.tensor(kl_term, dtype=torch.float64)
+    ce_sum = ce_count = 0.0
+    for row, t, m in zip(rows, target.reshape(-1).tolist(), weights, strict=True):
+        if m != 0 and t != ignore_index:
+            ce_sum += -m * math.log(softened(row, 1.0)[t])
+            ce_count += m
+    ce_term = ce_sum / ce_count if ce_count else 0.0
+    return torch.tensor(alpha * ce_term + (1 - alpha) * kl_term, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the shared checks
+# ----------------------------------------------------------------------------------------------------
+
+
+class TestDistillationTokenLevel(LossTester):
+    """``[B, T, V]`` with targets (one ignored), a bool mask, every direction."""
+
+    functional = staticmethod(distillation_loss)
+    module_class = KLDivergenceLoss
+    option_sets = [
+        {},
+        {"temperature": 1.0, "alpha": 0.2},
+        {"direction": "reverse", "temperature": 2.0},
+        {"direction": "jsd"},
+        {"direction": "jsd", "beta": 0.2, "temperature": 3.0, "alpha": 0.4},
+    ]
+    grad_inputs = ("logits", "teacher_logits")
+    mask_input = "mask"
+    config = "digits_distillation.yaml"
+
+    def make_inputs(self, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        logits = (3 * torch.randn(3, 4, 5, generator=g)).to(dtype)
+        teacher_logits = (3 * torch.randn(3, 4, 5, generator=g)).to(dtype)
+        target = torch.randint(0, 5, (3, 4), generator=g)
+        target[0, 1] = -100
+        mask = torch.rand(3, 4, generator=g) > 0.3
+        return {"logits": logits, "teacher_logits": teacher_logits, "target": target, "mask": mask}
+
+    def reference(self, **inputs_and_options):
+        return brute_force_distillation(**inputs_and_options)
+
+
+class TestDistillationWithoutTargets(LossTester):
+    """``[N, C]`` without targets (the divergence term alone), a float mask of weights."""
+
+    functional = staticmethod(distillation_loss)
+    module_class = KLDivergenceLoss
+    option_sets = [
+        {"temperature": 1.0},
+        {"temperature": 4.0, "direction": "reverse"},
+        {"temperature": 2.0, "direction": "jsd", "beta": 0.7},
+    ]
+    grad_inputs = ("logits", "teacher_logits")
+    mask_input = "mask"
+
+    def make_inputs(self, dtype, seed):
+        g = torch.Generator().manual_seed(100 + seed)
+        logits = (2 * torch.randn(6, 7, generator=g)).to(dtype)
+        teacher_logits = (2 * torch.randn(6, 7, generator=g)).to(dtype)
+        mask = torch.rand(6, generator=g) * (torch.rand(6, generator=g) > 0.3)
+        return {"logits": logits, "teacher_logits": teacher_logits, "mask": mask}
+
+    def reference(self, **inputs_and_options):
+        return brute_force_distillation(**inputs_and_options)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the math, against torch and hand-computed cases
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_forward_and_reverse_equal_torch_kl_div_on_n_by_c(temperature):
+    student, teacher = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    log_q, log_p = F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1)
+    torch.testing.assert_close(
+        kl_divergence(student, teacher, temperature=temperature),
+        F.kl_div(log_q, log_p, reduction="batchmean", log_target=True),
+    )
+    torch.testing.assert_close(
+        kl_divergence(student, teacher, temperature=temperature, direction="reverse"),
+        F.kl_div(log_p, log_q, reduction="batchmean", log_target=True),
+    )
+
+
+def test_token_level_mean_is_over_valid_tokens_not_the_batch_size():
+    student, teacher = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    log_q, log_p = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
+    per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    torch.testing.assert_close(kl_divergence(student, teacher), per_token.mean())
+    batchmean = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)  # the guide's: ÷ B only
+    torch.testing.assert_close(batchmean, 3 * per_token.mean())
+    mask = torch.tensor([[True, True, False], [False, True, False]])
+    torch.testing.assert_close(kl_divergence(student, teacher, mask), per_token[mask].mean())
+
+
+def test_global_count_makes_micro_batches_add_up():
+    g = torch.Generator().manual_seed(7)
+    student, teacher = torch.randn(6, 3, 5, generator=g), torch.randn(6, 3, 5, generator=g)
+    target, mask = torch.randint(0, 5, (6, 3), generator=g), torch.rand(6, 3, generator=g) > 0.4
+    options = {"temperature": 2.0, "alpha": 0.3, "direction": "jsd"}
+    full = distillation_loss(student.double(), teacher.double(), target, mask, **options).loss
+    count = mask.sum()
+    parts = sum(
+        distillation_loss(student[s].double(), teacher[s].double(), target[s], mask[s], count, **options).loss
+        for s in (slice(0, 1), slice(1, 4), slice(4, 6))
+    )
+    torch.testing.assert_close(parts, full)
+
+
+@pytest.mark.parametrize(
+    ("direction", "expected"), [("forward", 2e4), ("reverse", 2e4), ("jsd", math.log(2))]
+)
+def test_confident_logits_stay_finite(direction, expected):
+    # softmax(x).log() (the guide's) gives log 0 = -inf here; in log space KL = 1·(0 − (−2e4)) = 2e4
+    student = torch.tensor([[-1e4, 1e4]], requires_grad=True)
+    teacher = torch.tensor([[1e4, -1e4]])
+    loss = kl_divergence(student, teacher, direction=direction)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    torch.testing.assert_close(loss, torch.tensor(expected))
+
+
+@pytest.mark.parametrize("direction", ["forward", "jsd"])
+def test_classes_the_teacher_rules_out_contribute_nothing(direction):
+    # a -inf teacher logit: p_c = 0, and 0·log 0 = 0 (F.kl_div alone gives NaN there)
+    student = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([[1.0, float("-inf"), 0.0]], dtype=torch.float64)
+    loss = kl_divergence(student, teacher, temperature=2.0, direction=direction)
+    loss.backward()
+    p, q = softened([1.0, -1e300, 0.0], 2.0), softened(student[0].tolist(), 2.0)
+    assert p[1] == 0.0
+    expected = brute_force_divergence(p, q, direction, 0.5)
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64))
+    assert torch.isfinite(student.grad).all()
+
+
+def test_jensen_shannon_properties():
+    g = torch.Generator().manual_seed(3)
+    a, b = (
+        torch.randn(8, 6, generator=g, dtype=torch.float64),
+        torch.randn(8, 6, generator=g, dtype=torch.float64),
+    )
+    jsd = kl_divergence(a, b, direction="jsd", beta=0.5)
+    torch.testing.assert_close(jsd, kl_divergence(b, a, direction="jsd", beta=0.5))  # symmetric at β = 0.5
+    assert 0 < jsd < math.log(2)
+    # P = teacher, Q = student: swapping them is β → 1 − β
+    torch.testing.assert_close(
+        kl_divergence(a, b, direction="jsd", beta=0.2), kl_divergence(b, a, direction="jsd", beta=0.8)
+    )
+    for direction in ("forward", "reverse", "jsd"):
+        assert kl_divergence(a, a.clone(), direction=direction).abs() < 1e-12
+
+
+def test_temperature_squared_keeps_hintons_gradient_scale():
+    # Hinton et al., eq. 4: at high T with zero-mean logits, ∂KL/∂z_i ≈ (z_i − v_i)/(N·T²) for N classes,
+    # so the T²-scaled term has gradient ≈ (z_i − v_i)/N, independent of T.
+    student = torch.tensor([[1.0, -2.0, 0.5, 0.5]], dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([[-1.0, 0.0, 2.0, -1.0]], dtype=torch.float64)
+    distillation_loss(student, teacher, temperature=200.0).loss.backward()
+    torch.testing.assert_close(student.grad, (student.detach() - teacher) / 4, rtol=1e-2, atol=1e-4)
+
+
+def test_alpha_mixes_the_task_term_and_is_unused_without_targets():
+    student, teacher = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1, 1])
+    only_task = distillation_loss(student, teacher, target, alpha=1.0)
+    torch.testing.assert_close(only_task.loss, F.cross_entropy(student, target))
+    torch.testing.assert_close(only_task.task_loss, cross_entropy(student, target))
+    without_target = distillation_loss(student, teacher, alpha=1.0, temperature=3.0)
+    assert without_target.task_loss is None
+    torch.testing.assert_close(without_target.loss, 9 * kl_divergence(student, teacher, temperature=3.0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"logits": torch.ones(2, 3, dtype=torch.long)}, TypeError, "`logits` must be a floating"),
+        ({"teacher_logits": torch.ones(2, 3, dtype=torch.long)}, TypeError, "`teacher_logits` must be a"),
+        ({"logits": torch.ones(6), "teacher_logits": torch.ones(6)}, ValueError, "`logits` must have 2 or 3"),
+        ({"teacher_logits": torch.ones(2, 4)}, ValueError, r"same shape, got \(2, 3\) and \(2, 4\)"),
+        ({"mask": torch.ones(3)}, ValueError, r"`mask` must have shape \(2,\)"),
+        ({"target": torch.tensor([0, 1, 2])}, ValueError, r"`target` must have shape \(2,\)"),
+        ({"target": torch.tensor([0, 3])}, ValueError, r"`target` must lie in \[0, 3\)"),
+        ({"temperature": 0.0}, ValueError, "`temperature` must be positive"),
+        ({"alpha": 1.5}, ValueError, r"`alpha` must be in \[0, 1\]"),
+        ({"direction": "sideways"}, ValueError, "`direction` must be one of"),
+        ({"direction": "jsd", "beta": 1.0}, ValueError, r"`beta` must be in \(0, 1\)"),
+        ({"direction": "jsd", "beta": 0.0}, ValueError, r"`beta` must be in \(0, 1\)"),
+    ],
+)
+def test_bad_inputs_name_the_argument(kwargs, error, pattern):
+    inputs = {"logits": torch.ones(2, 3), "teacher_logits": torch.zeros(2, 3)}
+    with pytest.raises(error, match=pattern):
+        distillation_loss(**(inputs | kwargs))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the module: metrics, teacher sources, the frozen teacher
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_metrics_follow_the_guide_keys():
+    student, teacher, target = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    loss_fn = KLDivergenceLoss(temperature=2.0, alpha=0.25)
+    loss, metrics = loss_fn(student, teacher, target)
+    terms = distillation_loss(student, teacher, target, temperature=2.0, alpha=0.25)
+    assert metrics["total_loss"] == metrics["loss"] == loss.detach()
+    assert metrics["kl_loss"] == terms.kl_loss and metrics["task_loss"] == terms.task_loss
+    assert metrics["temperature"] == 2.0
+    assert "task_loss" not in loss_fn(student, teacher).metrics
+    assert set(KLDivergenceLoss.partial_metrics) == {"total_loss", "kl_loss", "task_loss"}
+
+
+def test_registry_builds_it_from_the_guides_schema():
+    loss_fn = build_loss({"name": "kl_divergence", "params": {"temperature": 2.0, "alpha": 0.5}})
+    assert isinstance(loss_fn, KLDivergenceLoss) and (loss_fn.temperature, loss_fn.alpha) == (2.0, 0.5)
+    assert (KLDivergenceLoss().temperature, KLDivergenceLoss().alpha) == (4.0, 0.7)  # the guide's defaults
+
+
+def test_teacher_logits_must_come_from_exactly_one_source(tmp_path):
+    student, teacher_logits, inputs = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 5)
+    with pytest.raises(ValueError, match="got neither"):
+        KLDivergenceLoss()(student)
+    with_teacher = KLDivergenceLoss(teacher=nn.Linear(5, 3))
+    with pytest.raises(ValueError, match="got both"):
+        with_teacher(student, teacher_logits, inputs=inputs)
+    with pytest.raises(ValueError, match="needs `inputs`"):
+        with_teacher(student)
+    with pytest.raises(ValueError, match="needs `teacher`"):
+        KLDivergenceLoss(teacher_checkpoint="teacher.ckpt")
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        KLDivergenceLoss(teacher=nn.Linear(5, 3), teacher_checkpoint=str(tmp_path / "missing.ckpt"))
+    torch.save({"state_dict": {"other.weight": torch.zeros(3, 5)}}, tmp_path / "wrong.ckpt")
+    with pytest.raises(ValueError, match=r"starts with 'model\.'; its keys start with \['other\.'\]"):
+        KLDivergenceLoss(teacher=nn.Linear(5, 3), teacher_checkpoint=str(tmp_path / "wrong.ckpt"))
+
+
+def test_module_treats_teacher_logits_as_constants():
+    student = torch.randn(4, 3, requires_grad=True)
+    teacher_logits = torch.randn(4, 3, requires_grad=True)  # e.g. another network's live output
+    KLDivergenceLoss()(student, teacher_logits, torch.tensor([0, 1, 2, 0])).loss.backward()
+    assert student.grad is not None and teacher_logits.grad is None
+
+
+def test_teacher_is_frozen_in_eval_mode_and_called_without_grad():
+    teacher = MLP(5, 3, hidden=(8,), dropout=0.5)
+    loss_fn = KLDivergenceLoss(teacher=teacher)
+    module = LossModule(MLP(5, 3, hidden=(4,)), loss_fn)
+    module.train()  # what Lightning does at the start of every training epoch
+    assert module.model.training and loss_fn.training and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    inputs = torch.randn(6, 5)
+    first, second = loss_fn.teacher_forward(inputs), loss_fn.teacher_forward(inputs)
+    torch.testing.assert_close(first, second)  # dropout off
+    assert not loss_fn.teacher_forward(inputs.requires_grad_()).requires_grad  # under no_grad: no graph
+    student = torch.randn(6, 3, requires_grad=True)
+    loss_fn(student, inputs=inputs).loss.backward()
+    assert student.grad is not None and all(p.grad is None for p in teacher.parameters())
+    trained = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
+    assert trained == {id(p) for p in module.model.parameters()}
+
+
+def test_teacher_may_return_a_dict():
+    class DictTeacher(nn.Module):
+        def forward(self, inputs):
+            return {"scores": inputs * 2}
+
+    student, inputs = torch.randn(3, 4), torch.randn(3, 4)
+    loss_fn = KLDivergenceLoss(teacher=DictTeacher(), teacher_output_key="scores")
+    expected = distillation_loss(student, inputs * 2).loss
+    torch.testing.assert_close(loss_fn(student, inputs=inputs).loss, expected)
+    with pytest.raises(ValueError, match="without `teacher_output_key` 'logits'"):
+        KLDivergenceLoss(teacher=DictTeacher())(student, inputs=inputs)
+
+
+def test_loss_module_resolves_teacher_logits_and_the_token_count_by_name():
+    class TokenModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 5)
+
+        def forward(self, features):
+            return self.linear(features)
+
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "features": torch.randn(2, 3, 4, generator=g),
+        "teacher_logits": torch.randn(2, 3, 5, generator=g),
+        "target": torch.randint(0, 5, (2, 3), generator=g),
+        "mask": torch.tensor([[1, 1, 0], [1, 0, 0]]),
+    }
+    module = LossModule(TokenModel(), KLDivergenceLoss(temperature=2.0))
+    _, kwargs, globally_normalized = module._loss_inputs(batch, module(batch))
+    assert globally_normalized and kwargs["global_valid_toks"] == 3
+    assert kwargs["teacher_logits"] is batch["teacher_logits"]
+    loss = module._step(batch).loss
+    expected = distillation_loss(
+        module.model(batch["features"]),
+        batch["teacher_logits"],
+        batch["target"],
+        batch["mask"],
+        temperature=2.0,
+    ).loss
+    torch.testing.assert_close(loss, expected)
+
+
+def digits_like_batches(num_rows=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs, target = torch.rand(num_rows, 64, generator=g), torch.randint(0, 10, (num_rows,), generator=g)
+    return torch.utils.data.DataLoader(DictDataset(inputs=inputs, target=target), batch_size=16)
+
+
+@pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")  # the frozen teacher's
+def test_fit_loads_the_teacher_checkpoint_and_never_changes_the_teacher(tmp_path):
+    teacher_module = LossModule(
+        MLP(64, 10, hidden=(32,), dropout=0.2), nn.CrossEntropyLoss(), input_map={"input": "logits"}
+    )
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(teacher_module, digits_like_batches())
+    trainer.save_checkpoint(tmp_path / "teacher.ckpt")  # a LossModule checkpoint: keys "model.<...>"
+
+    loss_fn = KLDivergenceLoss(
+        teacher=MLP(64, 10, hidden=(32,), dropout=0.2), teacher_checkpoint=str(tmp_path / "teacher.ckpt")
+    )
+    loaded = {k: v.clone() for k, v in loss_fn.teacher.state_dict().items()}
+    for name, weight in teacher_module.model.state_dict().items():
+        torch.testing.assert_close(loaded[name], weight, rtol=0, atol=0)
+
+    student = LossModule(MLP(64, 10, hidden=(8,)), loss_fn)
+    before = {k: v.clone() for k, v in student.model.state_dict().items()}
+    quiet_trainer(max_epochs=2).fit(student, digits_like_batches(seed=1))
+    assert not loss_fn.teacher.training
+    for name, weight in loss_fn.teacher.state_dict().items():
+        torch.testing.assert_close(weight, loaded[name], rtol=0, atol=0)
+    assert any(not torch.equal(before[k], v) for k, v in student.model.state_dict().items())
+
+
+@pytest.mark.parametrize("config", ["digits_teacher.yaml", "digits_student_baseline.yaml"])
+def test_other_configs_print(config, capsys):
+    from lightning_losses.cli import build_cli
+
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        build_cli(["fit", "--config", str(CONFIGS / config), "--print_config"])
+    assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")
+def test_teacher_then_student_end_to_end(tmp_path):
+    """The three configs on a short schedule: teacher → checkpoint → distilled student (and the baseline)."""
+    from lightning_losses.cli import build_cli
+
+    def run(name, epochs, edit=lambda config: None):
+        config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+        config["trainer"]["max_epochs"] = epochs
+        config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+        config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / name)
+        edit(config)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return build_cli(["fit", "--config", str(path), "--trainer.enable_progress_bar=false"])
+
+    teacher = run("digits_teacher", 3)
+    (checkpoint,) = Path(tmp_path / "digits_teacher").glob("teacher.ckpt")
+
+    def use_teacher(config):
+        config["model"]["loss"]["init_args"]["teacher_checkpoint"] = str(checkpoint)
+
+    student = run("digits_distillation", 3, use_teacher)
+    baseline = run("digits_student_baseline", 3)
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
+    for name, weight in student.model.loss.teacher.state_dict().items():
+        torch.testing.assert_close(weight, saved[f"model.{name}"], rtol=0, atol=0)
+    for cli in (teacher, student, baseline):
+        assert cli.trainer.callback_metrics["val/top1"] > 0.7
+    assert "val/kl_loss" in student.trainer.callback_metrics

@@ -1,0 +1,408 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_losses import LossModule
+from lightning_losses.examples import MLP
+from lightning_losses.functional.focal import focal_elements, focal_loss
+from lightning_losses.losses.focal import FocalLoss
+from lightning_losses.registry import build_loss
+from tests.loss_tester import LossTester
+
+CLASS_ALPHA = [0.5, 2.0, 1.0, 1.5, 0.25]
+LABEL_ALPHA = [0.1, 0.9, 0.5, 0.25, 0.75]
+
+
+def brute_force_multiclass_focal(logits, target, mask, gamma=2.0, alpha=None, ignore_index=-100, **_):
+    """A Python loop over elements and classes in float64: -alpha_t (1 - p_t)^gamma log p_t."""
+    num_classes = logits.shape[-1]
+    rows, targets, masks = (
+        logits.reshape(-1, num_classes).tolist(),
+        target.reshape(-1).tolist(),
+        mask.reshape(-1).tolist(),
+    )
+    numerator = denominator = 0.0
+    for row, t, m in zip(rows, targets, masks, strict=True):
+        if t == ignore_index or m == 0:
+            continue
+        z = sum(math.exp(x) for x in row)
+        p_t = math.exp(row[t]) / z
+        alpha_t = 1.0 if alpha is None else alpha if isinstance(alpha, float) else alpha[t]
+        numerator += m * -alpha_t * (1 - p_t) ** gamma * math.log(p_t)
+        denominator += m
+    return torch.tensor(numerator / denominator if denominator else 0.0, dtype=torch.float64)
+
+
+def torchvision_sigmoid_focal(logits, target, gamma=2.0, alpha=None):
+    """torchvision.ops.sigmoid_focal_loss(reduction="none"), written out (alpha=None is its alpha < 0)."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha is not None:
+        alpha_t = alpha * target + (1 - alpha) * (1 - target)
+        loss = alpha_t * loss
+    return loss
+
+
+def masked_torchvision_mean(logits, target, mask, gamma=2.0, alpha=None, ignore_index=-100, **_):
+    valid = (mask != 0) & (target != ignore_index)
+    alpha = None if alpha is None else torch.as_tensor(alpha, dtype=logits.dtype)
+    loss = torchvision_sigmoid_focal(logits, torch.where(valid, target, 0.0), gamma, alpha)
+    return loss[valid].sum() / valid.sum()
+
+
+def tensor_alpha(options):
+    if isinstance(options.get("alpha"), list):
+        return options | {"alpha": torch.tensor(options["alpha"], dtype=torch.float64)}
+    return options
+
+
+class TestMulticlassFocal(LossTester):
+    functional = staticmethod(focal_loss)
+    module_class = FocalLoss
+    option_sets = [
+        {},
+        {"gamma": 0.0},
+        {"gamma": 0.5, "alpha": 0.25},
+        {"gamma": 2.0, "alpha": CLASS_ALPHA},
+        {"gamma": 3.5, "alpha": 2.0},
+    ]
+    grad_inputs = ("logits",)
+    mask_input = "mask"
+    config = "digits_focal.yaml"
+
+    def make_inputs(self, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        logits = (3 * torch.randn(3, 4, 5, generator=g)).to(dtype)
+        target = torch.randint(0, 5, (3, 4), generator=g)
+        target[0, 1] = -100
+        mask = torch.rand(3, 4, generator=g) > 0.3
+        return {"logits": logits, "target": target, "mask": mask}
+
+    def functional_options(self, options):
+        return tensor_alpha(options)
+
+    def reference(self, logits, target, mask, **options):
+        return brute_force_multiclass_focal(logits, target, mask, **options)
+
+
+class TestSigmoidFocal(LossTester):
+    functional = staticmethod(focal_loss)
+    module_class = FocalLoss
+    option_sets = [
+        {"mode": "multilabel"},
+        {"mode": "multilabel", "gamma": 2.0, "alpha": 0.25},
+        {"mode": "binary", "gamma": 0.5, "alpha": 0.75},
+        {"mode": "multilabel", "gamma": 1.5, "alpha": LABEL_ALPHA},
+        {"mode": "binary", "gamma": 0.0},
+    ]
+    grad_inputs = ("logits",)
+    mask_input = "mask"
+
+    def make_inputs(self, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        logits = (3 * torch.randn(2, 3, 5, generator=g)).to(dtype)
+        target = (torch.rand(2, 3, 5, generator=g) > 0.6).to(dtype)
+        target[0, 1, 2] = -100
+        mask = torch.rand(2, 3, 5, generator=g) > 0.3
+        return {"logits": logits, "target": target, "mask": mask}
+
+    def functional_options(self, options):
+        return tensor_alpha(options)
+
+    def reference(self, logits, target, mask, mode, **options):
+        return masked_torchvision_mean(logits, target, mask, **options)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("alpha", [None, 0.25])
+@pytest.mark.parametrize("shape", [(17,), (6, 7)])
+def test_sigmoid_equals_torchvision_formula_in_value_and_gradient(gamma, alpha, shape):
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    target = (torch.rand(shape, generator=g) > 0.5).double()
+    mode = "binary" if len(shape) == 1 else "multilabel"
+    ours = focal_loss(logits, target, mode=mode, gamma=gamma, alpha=alpha)
+    (ours_grad,) = torch.autograd.grad(ours, logits)
+    expected = torchvision_sigmoid_focal(logits, target, gamma, alpha).mean()
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(ours_grad, expected_grad)
+
+
+def test_soft_sigmoid_targets_follow_the_same_formula():
+    logits = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(20, dtype=torch.float64)
+    ours = focal_loss(logits, target, mode="binary", gamma=1.5, alpha=0.3)
+    expected = torchvision_sigmoid_focal(logits, target, 1.5, 0.3).mean()
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(expected, logits)[0])
+
+
+@pytest.mark.parametrize("shape", [(9, 6), (3, 4, 6)])
+def test_gamma_zero_multiclass_equals_torch_cross_entropy(shape):
+    logits = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 6, shape[:-1])
+    target.view(-1)[2] = -100
+    ours = focal_loss(logits, target, gamma=0.0)
+    expected = F.cross_entropy(logits.reshape(-1, 6), target.reshape(-1))
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(expected, logits)[0])
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0, 5.0])
+def test_focal_over_cross_entropy_is_the_modulating_factor_times_alpha(gamma):
+    logits = 2 * torch.randn(40, 5, dtype=torch.float64)
+    target = torch.randint(0, 5, (40,))
+    alpha = torch.tensor(CLASS_ALPHA, dtype=torch.float64)
+    focal = focal_elements(logits, target, gamma=gamma, alpha=alpha).loss
+    ce = F.cross_entropy(logits, target, reduction="none")
+    p_t = logits.softmax(-1)[torch.arange(40), target]
+    torch.testing.assert_close(focal / ce, (1 - p_t) ** gamma * alpha[target])
+
+    binary_logits, binary_target = (
+        2 * torch.randn(40, dtype=torch.float64),
+        (torch.arange(40) % 3 == 0).double(),
+    )
+    focal = focal_elements(binary_logits, binary_target, mode="binary", gamma=gamma, alpha=0.25).loss
+    ce = F.binary_cross_entropy_with_logits(binary_logits, binary_target, reduction="none")
+    p = torch.sigmoid(binary_logits)
+    p_t = torch.where(binary_target == 1, p, 1 - p)
+    alpha_t = torch.where(binary_target == 1, 0.25, 0.75).double()
+    torch.testing.assert_close(focal / ce, (1 - p_t) ** gamma * alpha_t)
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 2.0])
+def test_confident_logits_give_finite_values_and_gradients(gamma):
+    # right (p_t = 1 - e^-100), wrong (p_t = e^-100), and p_t = 1 - e^-60, which rounds to exactly 1 in fp32
+    logits = torch.tensor([[50.0, -50.0], [-50.0, 50.0], [60.0, 0.0]], requires_grad=True)
+    target = torch.tensor([0, 0, 0])
+    assert torch.softmax(logits[2], -1)[0].item() == 1.0  # a naive (1 - p_t) ** gamma is 0 here
+    loss = focal_loss(logits, target, gamma=gamma)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    # only the wrong element counts: (1 - p_t)^gamma = 1, -log p_t = 100; its gradient is softmax - onehot
+    torch.testing.assert_close(loss, torch.tensor(100 / 3))
+    torch.testing.assert_close(logits.grad, torch.tensor([[0.0, 0.0], [-1.0, 1.0], [0.0, 0.0]]) / 3)
+
+    huge = torch.tensor([[1e4, -1e4], [-1e4, 1e4]], requires_grad=True)
+    loss = focal_loss(huge, torch.tensor([0, 0]), gamma=gamma)
+    loss.backward()
+    assert torch.isfinite(huge.grad).all()
+    torch.testing.assert_close(loss, torch.tensor(1e4))
+
+    x = torch.tensor([1e4, -1e4, 1e4, 60.0, -60.0], requires_grad=True)
+    t = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
+    loss = focal_loss(x, t, mode="binary", gamma=gamma, alpha=0.25)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss, torch.tensor(0.75 * 1e4 / 5))
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 0.0, 0.75, 0.0, 0.0]) / 5)
+
+
+def test_gamma_below_one_has_finite_gradient_where_p_t_rounds_to_one():
+    """d/dp (1-p)^gamma is infinite at p = 1 for gamma < 1: the naive formula gives NaN, ours not."""
+    logits = torch.tensor([[30.0, 0.0, -2.0]], requires_grad=True)
+    naive_p_t = logits.softmax(-1)[0, 0]
+    naive = -((1 - naive_p_t) ** 0.5) * torch.log(naive_p_t)
+    assert naive_p_t.item() == 1.0 and torch.isnan(torch.autograd.grad(naive, logits)[0]).any()
+    loss = focal_loss(logits, torch.tensor([0]), gamma=0.5)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    # the true value and gradient are ~ (e^-30)^1.5 ~ 1e-20
+    torch.testing.assert_close(loss, torch.tensor(0.0), rtol=0, atol=1e-18)
+    torch.testing.assert_close(logits.grad, torch.zeros(1, 3), rtol=0, atol=1e-18)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_confident_fp32_keeps_relative_precision(gamma):
+    """p_t = 1 - 6e-6: fp32 `1 - softmax` keeps ~2 digits; log space keeps them all."""
+    logits = torch.tensor([[12.0, 0.0, -1.0]], requires_grad=True)
+    loss = focal_loss(logits, torch.tensor([0]), gamma=gamma)
+    loss.backward()
+    x64 = logits.detach().double().requires_grad_()
+    p_t = x64.softmax(-1)[0, 0]  # 1 - p_t holds ~11 correct digits in float64
+    expected = -((1 - p_t) ** gamma) * torch.log(p_t)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=1e-4, atol=0)
+
+
+def test_custom_ignore_index():
+    logits, target = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 1])
+    keep = target != 2
+    torch.testing.assert_close(
+        focal_loss(logits, target, ignore_index=2), focal_loss(logits[keep], target[keep], ignore_index=None)
+    )
+
+
+def test_global_count_makes_micro_batches_add_up():
+    logits, target = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 4, (6, 3))
+    mask = torch.rand(6, 3) > 0.5
+    full = focal_loss(logits, target, mask, gamma=1.5)
+    count = mask.sum()
+    parts = sum(
+        focal_loss(logits[s], target[s], mask[s], count, gamma=1.5)
+        for s in (slice(0, 1), slice(1, 4), slice(4, 6))
+    )
+    torch.testing.assert_close(parts, full)
+
+
+def test_float_mask_weighs_elements():
+    logits, target = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    weights = torch.tensor([0.5, 2.0, 0.0, 1.0], dtype=torch.float64)
+    per_element = focal_elements(logits, target, gamma=2.0).loss
+    torch.testing.assert_close(
+        focal_loss(logits, target, weights, gamma=2.0), (weights * per_element).sum() / weights.sum()
+    )
+
+
+def test_ignored_and_masked_targets_may_be_out_of_range():
+    logits = torch.randn(3, 4)
+    loss = focal_loss(logits, torch.tensor([1, 99, -100]), torch.tensor([True, False, True]))
+    torch.testing.assert_close(loss, focal_loss(logits[:1], torch.tensor([1])))
+    binary = focal_loss(
+        torch.randn(3), torch.tensor([1.0, 7.0, -100.0]), torch.tensor([1, 0, 1]), mode="binary"
+    )
+    assert torch.isfinite(binary)
+
+
+def test_integer_and_bool_binary_targets_equal_float_targets():
+    logits = torch.randn(8)
+    target = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    expected = focal_loss(logits, target.float(), mode="binary", alpha=0.25)
+    torch.testing.assert_close(focal_loss(logits, target, mode="binary", alpha=0.25), expected)
+    torch.testing.assert_close(focal_loss(logits, target.bool(), mode="binary", alpha=0.25), expected)
+
+
+def test_module_scalar_alpha_is_a_constant_factor_in_multiclass():
+    logits, target = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    plain = FocalLoss(gamma=2.0)(logits, target).loss
+    torch.testing.assert_close(FocalLoss(gamma=2.0, alpha=0.5)(logits, target).loss, 0.5 * plain)
+    torch.testing.assert_close(FocalLoss(gamma=2.0, alpha=1.0)(logits, target).loss, plain)
+
+
+def test_module_metrics_are_hand_computable():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    target = torch.tensor([0, 0, 1])
+    _, metrics = FocalLoss()(logits, target, mask=torch.tensor([1, 1, 0]))
+    p0, p1 = 1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))
+    torch.testing.assert_close(metrics["p_t"], torch.tensor((p0 + p1) / 2))
+    torch.testing.assert_close(metrics["accuracy"], torch.tensor(0.5))
+    _, binary = FocalLoss(mode="binary")(torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 1.0, 0.0]))
+    p_t = [1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0)), 1 / (1 + math.exp(0.5))]
+    torch.testing.assert_close(binary["p_t"], torch.tensor(sum(p_t) / 3))
+    torch.testing.assert_close(binary["accuracy"], torch.tensor(1 / 3))
+    assert set(metrics) == {"loss", "p_t", "accuracy"}
+
+
+def test_guide_spec_builds_by_registry_name():
+    loss = build_loss({"name": "focal", "params": {"alpha": 1.0, "gamma": 2.0}})
+    assert isinstance(loss, FocalLoss) and loss.alpha == 1.0 and loss.gamma == 2.0
+    assert loss.class_alpha is None
+    per_class = build_loss("focal", alpha=CLASS_ALPHA)
+    torch.testing.assert_close(per_class.class_alpha, torch.tensor(CLASS_ALPHA))
+
+
+def test_loss_module_binds_logits_and_target_from_a_digits_batch():
+    module = LossModule(MLP(64, 10, hidden=(16,)), FocalLoss(gamma=2.0))
+    batch = {"inputs": torch.rand(8, 64), "target": torch.randint(0, 10, (8,))}
+    loss, metrics, outputs, _, _ = module._step(batch)
+    torch.testing.assert_close(loss, focal_loss(outputs["logits"], batch["target"], gamma=2.0))
+    assert set(metrics) == {"loss", "p_t", "accuracy"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"logits": torch.ones(3, dtype=torch.long), "target": torch.zeros(3)}, TypeError, "`logits`"),
+        ({"logits": torch.ones(4), "target": torch.zeros(4)}, ValueError, "`logits` must have 2 or 3"),
+        ({"logits": torch.ones(4, 1), "target": torch.zeros(4, dtype=torch.long)}, ValueError, "2 classes"),
+        (
+            {"logits": torch.ones(4, 3), "target": torch.zeros(5, dtype=torch.long)},
+            ValueError,
+            r"`target` must have shape \(4,\)",
+        ),
+        ({"logits": torch.ones(4, 3), "target": torch.zeros(4)}, TypeError, "`target` must hold integer"),
+        ({"logits": torch.ones(2, 3), "target": torch.tensor([0, 3])}, ValueError, r"`target` must lie in"),
+        (
+            {"logits": torch.ones(2, 3), "target": torch.tensor([0, 1]), "mask": torch.ones(3)},
+            ValueError,
+            "`mask` must have shape",
+        ),
+        (
+            {"logits": torch.ones(2, 3), "target": torch.tensor([0, 1]), "alpha": torch.ones(2)},
+            ValueError,
+            r"`alpha` must be a number or have shape \(3,\)",
+        ),
+        ({"logits": torch.ones(2, 3), "target": torch.tensor([0, 1]), "gamma": -1.0}, ValueError, "`gamma`"),
+        (
+            {"logits": torch.ones(2, 3), "target": torch.tensor([0, 1]), "mode": "softmax"},
+            ValueError,
+            "`mode`",
+        ),
+        (
+            {"logits": torch.ones(4, 3), "target": torch.zeros(4), "mode": "multilabel"},
+            ValueError,
+            "`logits` and `target` must have the same shape",
+        ),
+        ({"logits": torch.ones(4), "target": torch.zeros(4), "mode": "multilabel"}, ValueError, "`logits`"),
+        (
+            {"logits": torch.ones(3), "target": torch.tensor([0.0, 1.0, 2.0]), "mode": "binary"},
+            ValueError,
+            r"`target` must lie in \[0, 1\]",
+        ),
+        (
+            {"logits": torch.ones(3), "target": torch.zeros(3), "mode": "binary", "alpha": torch.ones(3)},
+            ValueError,
+            "`alpha` must be a number in binary mode",
+        ),
+    ],
+)
+def test_bad_inputs_name_the_argument(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        focal_loss(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"mode": "sigmoid"}, "`mode`"),
+        ({"gamma": -0.5}, "`gamma`"),
+        ({"gamma": float("nan")}, "`gamma`"),
+        ({"mode": "binary", "alpha": [0.5, 0.5]}, "`alpha` must be a number or None in binary"),
+        ({"mode": "multilabel", "alpha": 1.5}, r"`alpha` must lie in \[0, 1\]"),
+        ({"alpha": -1.0}, "`alpha` must be finite and >= 0"),
+        ({"alpha": []}, "`alpha` must hold one value per class"),
+    ],
+)
+def test_bad_module_options_name_the_argument(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        FocalLoss(**kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_focal_config_trains_on_digits(tmp_path):
+    from lightning_losses.cli import build_cli
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "digits_focal.yaml"
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.max_epochs=3",
+        ]
+    )
+    metrics = cli.trainer.callback_metrics
+    assert metrics["val/micro_accuracy"] > 0.8 and metrics["val/macro_f1"] > 0.8
+    assert 0 < metrics["val/p_t"] < 1

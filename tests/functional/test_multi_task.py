@@ -1,0 +1,427 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import lightning_losses.losses.combined as combined_module
+from lightning_losses import LossModule
+from lightning_losses.binding import Binding
+from lightning_losses.cli import build_cli
+from lightning_losses.functional.multi_task import effective_task_weights, multi_task_loss
+from lightning_losses.losses.multi_task import MultiTaskLoss
+from lightning_losses.registry import build_loss
+from tests.loss_tester import LossTester
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits_multitask.yaml"
+TASK_WEIGHTS = [1.0, 0.5, 2.0, 0.25]
+REGRESSION = [False, True, False, True]
+
+
+class Echo(nn.Module):
+    """A task 'loss' that returns its input: fixes L_i."""
+
+    def forward(self, value: Tensor) -> Tensor:
+        return value
+
+
+class MaskedEcho(nn.Module):
+    """Returns ``value``; takes a ``mask`` so that MultiTaskLoss reads the task's presence from it."""
+
+    def forward(self, value: Tensor, mask: Tensor | None = None) -> Tensor:
+        return value
+
+
+def kendall_reference(task_losses, log_variances, mask, uncertainty=True, task_weights=None, regression=None):
+    """Kendall et al. written with σ² = exp(s): L/σ² + log σ², or L/(2σ²) + log σ for regression."""
+    total = 0.0
+    for i, loss in enumerate(task_losses.tolist()):
+        if not mask[i]:
+            continue
+        weight = 1.0 if task_weights is None else task_weights[i]
+        if not uncertainty:
+            total += weight * loss
+            continue
+        variance = math.exp(log_variances[i].item())
+        if regression is not None and regression[i]:
+            term = loss / (2 * variance) + math.log(math.sqrt(variance))
+        else:
+            term = loss / variance + math.log(variance)
+        total += weight * term
+    return torch.tensor(total, dtype=torch.float64)
+
+
+class TestMultiTaskLoss(LossTester):
+    functional = staticmethod(multi_task_loss)
+    module_class = MultiTaskLoss
+    option_sets = [
+        {},
+        {"task_weights": TASK_WEIGHTS, "regression": REGRESSION},
+    ]
+    grad_inputs = ("task_losses", "log_variances")
+    mask_input = "mask"
+    config = "digits_multitask.yaml"
+
+    def make_inputs(self, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        task_losses = (2 * torch.rand(4, generator=g) + 0.1).to(dtype)
+        task_losses[2] = float("nan")  # an absent task: the mean of no sample
+        return {
+            "task_losses": task_losses,
+            "log_variances": torch.randn(4, generator=g).to(dtype),
+            "mask": torch.tensor([True, True, False, True]),
+        }
+
+    def functional_options(self, options):
+        converted = dict(options)
+        if "task_weights" in options:
+            converted["task_weights"] = torch.tensor(options["task_weights"])
+        if "regression" in options:
+            converted["regression"] = torch.tensor(options["regression"])
+        return converted
+
+    def reference(self, task_losses, log_variances, mask, **options):
+        return kendall_reference(task_losses, log_variances, mask, **options)
+
+    def build_module(self, options):
+        names = [f"task{i}" for i in range(4)]
+        regression = options.get("regression") or [False] * 4
+        return MultiTaskLoss(
+            {name: MaskedEcho() for name in names},
+            task_weights=options.get("task_weights"),
+            uncertainty_weighting=True,
+            regression_tasks=[n for n, r in zip(names, regression, strict=True) if r],
+            input_maps={name: {"value": f"loss_{name}", "mask": f"mask_{name}"} for name in names},
+        )
+
+    def test_module_matches_functional(self):
+        """The module with fixed task losses (each task's presence read from its mask) == the functional."""
+        for index, options in enumerate(self.option_sets):
+            inputs = self.make_inputs(torch.float32, seed=index)
+            module = self.build_module(options)
+            module.log_variances.data.copy_(inputs["log_variances"])
+            per_task = {}
+            for i in range(4):
+                per_task[f"loss_task{i}"] = inputs["task_losses"][i]
+                per_task[f"mask_task{i}"] = inputs["mask"][i : i + 1]
+            output = module(**per_task)
+            expected = self.call_functional(inputs, self.functional_options(options))
+            torch.testing.assert_close(output.loss, expected, msg=str(options))
+            assert torch.isfinite(output.loss)
+            for key, value in output.metrics.items():
+                assert isinstance(value, Tensor) and value.ndim == 0 and not value.requires_grad, key
+            assert output.metrics["task2_loss"] == 0  # absent: 0, not NaN
+
+
+def test_static_weights_match_the_reference_and_skip_absent_tasks():
+    inputs = TestMultiTaskLoss().make_inputs(torch.float64, seed=3)
+    weights = torch.tensor(TASK_WEIGHTS, dtype=torch.float64)
+    losses = inputs["task_losses"].requires_grad_()
+    loss = multi_task_loss(losses, None, inputs["mask"], task_weights=weights)
+    expected = kendall_reference(
+        losses.detach(), None, inputs["mask"], uncertainty=False, task_weights=TASK_WEIGHTS
+    )
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    torch.testing.assert_close(losses.grad, weights * inputs["mask"])
+
+
+def echo_tasks(losses, **kwargs):
+    names = [f"t{i}" for i in range(len(losses))]
+    module = MultiTaskLoss(
+        {name: Echo() for name in names},
+        input_maps={name: {"value": name} for name in names},
+        **kwargs,
+    )
+    return module, dict(zip(names, losses, strict=True))
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_learned_variances_converge_to_the_task_losses(regression):
+    """For fixed L_i the optimum of w(e^{-s}L + s) (or its ½ form) is e^{s} = L_i."""
+    losses = torch.tensor([0.05, 1.0, 7.0])
+    module, inputs = echo_tasks(
+        losses, uncertainty_weighting=True, regression_tasks=["t1", "t2"] if regression else ()
+    )
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.05)
+    for _ in range(600):
+        optimizer.zero_grad()
+        module(**inputs).loss.backward()
+        optimizer.step()
+    torch.testing.assert_close(module.log_variances.detach().exp(), losses, rtol=1e-3, atol=0)
+    metrics = module(**inputs).metrics
+    torch.testing.assert_close(metrics["t2_sigma"], losses[2].sqrt(), rtol=1e-3, atol=0)
+    factor = 0.5 if regression else 1.0
+    torch.testing.assert_close(metrics["t2_weight"], factor / losses[2], rtol=1e-3, atol=0)
+
+
+def test_metrics_and_static_weights():
+    module, inputs = echo_tasks(torch.tensor([2.0, 3.0]), task_weights={"t1": 0.5})
+    assert module.log_variances is None
+    loss, metrics = module(**inputs)
+    assert loss.item() == 2.0 + 0.5 * 3.0
+    assert {k: v.item() for k, v in metrics.items()} == {
+        "t0_loss": 2.0,
+        "t1_loss": 3.0,
+        "t0_weight": 1.0,
+        "t1_weight": 0.5,
+        "loss": 3.5,
+        "total_loss": 3.5,
+    }
+    torch.testing.assert_close(
+        effective_task_weights(torch.tensor([0.0, math.log(4.0)]), regression=torch.tensor([False, True])),
+        torch.tensor([1.0, 0.125]),
+    )
+
+
+def test_guide_schema_with_task_indices_as_weight_keys():
+    module = build_loss(
+        {
+            "name": "multi_task",
+            "params": {
+                "tasks": ["cross_entropy", "mse"],
+                "task_weights": {0: 1.0, 1: 0.5},
+                "uncertainty_weighting": True,
+                "input_maps": {"mse": {"preds": "values", "target": "value_target"}},
+            },
+        }
+    )
+    assert module.task_names == ["cross_entropy", "mse"]
+    assert module.task_weights.tolist() == [1.0, 0.5]
+    assert isinstance(module.log_variances, nn.Parameter)
+
+
+def test_log_variances_round_trip_through_state_dict():
+    module, _ = echo_tasks(torch.ones(3), uncertainty_weighting=True)
+    module.log_variances.data = torch.tensor([0.5, -1.0, 2.0])
+    state = module.state_dict()
+    assert set(state) == {"log_variances"}  # task weights are configuration, not state
+    restored, _ = echo_tasks(torch.ones(3), uncertainty_weighting=True)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.log_variances, module.log_variances)
+
+
+# -- per-sample task ids --------------------------------------------------------------------------------
+
+
+def task_id_batch(seed=0, task_ids=(0, 1, 2, 0, 2, 1, 0, 2, 2)):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(task_ids)
+    size = len(ids)
+    return {
+        "logits": torch.randn(size, 3, generator=g, dtype=torch.float64, requires_grad=True),
+        "target": torch.randint(0, 3, (size,), generator=g),
+        "preds": torch.randn(size, generator=g, dtype=torch.float64, requires_grad=True),
+        "value": torch.randn(size, generator=g, dtype=torch.float64),
+        "task_ids": ids,
+    }
+
+
+def task_id_loss():
+    """Task 0: cross_entropy (takes a mask); 1: mse (takes a mask); 2: torch.nn.MSELoss (no mask: rows)."""
+    return MultiTaskLoss(
+        {
+            "digit": "cross_entropy",
+            "ink": "mse",
+            "plain": {"class_path": "torch.nn.MSELoss", "input_map": {"input": "preds", "target": "value"}},
+        },
+        task_weights=[1.0, 0.5, 2.0],
+        uncertainty_weighting=True,
+        regression_tasks=["ink"],
+        input_maps={"ink": {"target": "value"}},
+    )
+
+
+def task_id_reference(batch, log_variances):
+    """Each task's torch loss on its own rows, then Kendall's weighting, all written out."""
+    ids = batch["task_ids"]
+    terms = []
+    for task, weight, half in ((0, 1.0, False), (1, 0.5, True), (2, 2.0, False)):
+        rows = (ids == task).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        if task == 0:
+            loss = F.cross_entropy(batch["logits"][rows], batch["target"][rows])
+        else:
+            loss = F.mse_loss(batch["preds"][rows], batch["value"][rows])
+        s = log_variances[task]
+        scale = 0.5 if half else 1.0
+        terms.append(weight * scale * (torch.exp(-s) * loss + s))
+    return torch.stack(terms).sum()
+
+
+@pytest.mark.parametrize("task_ids", [(0, 1, 2, 0, 2, 1, 0, 2, 2), (0, 0, 2, 2, 0), (1, 1, 1)])
+def test_task_ids_route_each_sample_to_its_task(task_ids):
+    loss_fn = task_id_loss().double()
+    loss_fn.log_variances.data = torch.tensor([0.3, -0.2, 0.7], dtype=torch.float64)
+    batch = task_id_batch(task_ids=task_ids)
+    loss, metrics = loss_fn(**batch)
+    s = loss_fn.log_variances.detach().clone().requires_grad_()
+    expected = task_id_reference(batch, s)
+    torch.testing.assert_close(loss, expected)
+
+    grads = torch.autograd.grad(loss, [batch["logits"], batch["preds"], loss_fn.log_variances])
+    expected_grads = torch.autograd.grad(expected, [batch["logits"], batch["preds"], s], allow_unused=True)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want)
+    for task, name in enumerate(("digit", "ink", "plain")):
+        if task not in task_ids:  # absent: 0, not NaN, and no pull on its sigma
+            assert metrics[f"{name}_loss"] == 0 and grads[2][task] == 0
+
+
+def test_task_ids_mode_combines_with_a_user_mask():
+    loss_fn = task_id_loss()
+    batch = {k: v.detach().float() if v.is_floating_point() else v for k, v in task_id_batch().items()}
+    # the mask also hides samples: digit (rows 0, 3, 6) keeps 0 and 6, ink (rows 1, 5) keeps 5
+    keep = torch.tensor([1, 0, 0, 0, 0, 1, 1, 0, 0], dtype=torch.bool)
+    _, metrics = loss_fn(**batch, mask=keep)
+    rows = torch.tensor([0, 6])
+    torch.testing.assert_close(
+        metrics["digit_loss"], F.cross_entropy(batch["logits"][rows], batch["target"][rows])
+    )
+    torch.testing.assert_close(metrics["ink_loss"], (batch["preds"][5] - batch["value"][5]) ** 2)
+
+
+def test_no_valid_sample_in_any_task_gives_exactly_zero():
+    loss_fn = MultiTaskLoss({"digit": "cross_entropy", "ink": "mse"}, uncertainty_weighting=True)
+    logits, preds = torch.randn(5, 3, requires_grad=True), torch.randn(5, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 0, 1])
+    loss, metrics = loss_fn(
+        logits=logits,
+        preds=preds,
+        target=target,
+        task_ids=torch.zeros(5, dtype=torch.long),
+        mask=torch.zeros(5),
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and metrics["digit_loss"] == 0 and metrics["ink_loss"] == 0
+    for tensor in (logits, preds, loss_fn.log_variances):
+        assert torch.count_nonzero(tensor.grad) == 0
+
+
+def test_ddp_shares_add_up_to_the_full_batch_loss(monkeypatch):
+    """With global counts each rank returns its share (LossModule multiplies by the world size before
+    DDP averages): the shares of two ranks add up to the one-process loss, s-terms counted once."""
+    loss_fn = MultiTaskLoss(
+        {"digit": "cross_entropy", "reg": {"class_path": "torch.nn.MSELoss"}},
+        uncertainty_weighting=True,
+        input_maps={"reg": {"input": "preds", "target": "value"}},
+    ).double()
+    loss_fn.log_variances.data = torch.tensor([0.4, -0.3], dtype=torch.float64)
+    batch = task_id_batch()
+    monkeypatch.setattr(combined_module, "_world_size", lambda: 2)
+    count = torch.tensor(8)
+    shares = [
+        loss_fn(
+            logits=batch["logits"][rows],
+            target=batch["target"][rows],
+            mask=torch.ones(4, dtype=torch.bool),
+            global_valid_toks=count,
+            preds=batch["preds"][rows],
+            value=batch["value"][rows],
+        )
+        for rows in (slice(0, 4), slice(4, 8))
+    ]
+    full = loss_fn.forward(
+        logits=batch["logits"][:8],
+        target=batch["target"][:8],
+        preds=batch["preds"][:8],
+        value=batch["value"][:8],
+    )
+    torch.testing.assert_close(shares[0].loss + shares[1].loss, full.loss)
+    assert "digit_loss" in loss_fn.partial_metrics and "reg_loss" not in loss_fn.partial_metrics
+
+
+# -- inputs and errors ----------------------------------------------------------------------------------
+
+
+def test_declares_the_union_of_task_inputs_to_loss_module():
+    loss_fn = MultiTaskLoss(
+        {"digit": "cross_entropy", "center": "mse"},
+        input_maps={
+            "digit": {"logits": "digit_logits"},
+            "center": {"preds": "center_pred", "target": "center"},
+        },
+    )
+    binding = Binding(loss_fn)
+    assert binding.names == [
+        "digit_logits",
+        "target",
+        "mask",
+        "global_valid_toks",
+        "center_pred",
+        "center",
+        "task_ids",
+    ]
+    assert binding.required == ["digit_logits", "target", "center_pred", "center"]
+    assert loss_fn.token_mask_key == "mask"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"task_weights": {"nope": 1.0}}, ValueError, r"`task_weights` names 'nope'.*\['a', 'b'\]"),
+        ({"task_weights": [1.0]}, ValueError, "one weight per task"),
+        ({"task_weights": [1.0, -1.0]}, ValueError, "finite and >= 0"),
+        ({"task_weights": {5: 1.0}}, ValueError, "task index 5"),
+        (
+            {"regression_tasks": ["c"], "uncertainty_weighting": True},
+            ValueError,
+            r"`regression_tasks` names \['c'\]",
+        ),
+        ({"regression_tasks": ["a"]}, ValueError, "needs `uncertainty_weighting=True`"),
+        ({"input_maps": {"a": {"nope": "x"}}}, ValueError, "the input map of 'a'.*nope"),
+        ({"input_maps": {"z": {}}}, ValueError, "`input_maps` names the loss 'z'"),
+    ],
+)
+def test_bad_configuration(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        MultiTaskLoss({"a": Echo(), "b": Echo()}, **kwargs)
+
+
+def test_bad_inputs_name_the_argument():
+    loss_fn = task_id_loss()
+    batch = {k: v.detach().float() if v.is_floating_point() else v for k, v in task_id_batch().items()}
+    with pytest.raises(TypeError, match="`task_ids` must hold integer"):
+        loss_fn(**batch | {"task_ids": batch["task_ids"].float()})
+    with pytest.raises(ValueError, match=r"`task_ids` must lie in \[0, 3\)"):
+        loss_fn(**batch | {"task_ids": batch["task_ids"] + 1})
+    with pytest.raises(ValueError, match="`task_ids` must have 1 dimensions"):
+        loss_fn(**batch | {"task_ids": batch["task_ids"][None]})
+    with pytest.raises(TypeError, match=r"unexpected inputs \['extra'\]"):
+        loss_fn(**batch, extra=1)
+    with pytest.raises(ValueError, match="the `mask` of task 'digit' must have the batch size 9"):
+        loss_fn(**batch, mask=torch.ones(4))
+    with pytest.raises(ValueError, match="unknown loss name 'nope'; known losses: .*cross_entropy"):
+        MultiTaskLoss({"a": "nope"})
+
+
+def test_trains_two_heads_with_loss_module_and_restores_sigma_from_a_cli_checkpoint(tmp_path):
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(CONFIG),
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=6",
+            "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+        ]
+    )
+    learned = cli.model.loss.log_variances.detach().clone()
+    assert (learned.abs() > 1e-3).all()  # trained away from 0
+    optimizer = cli.model.configure_optimizers()
+    assert any(p is cli.model.loss.log_variances for group in optimizer.param_groups for p in group["params"])
+    assert {"train/digit_sigma", "train/center_sigma", "val/center_loss"} <= set(cli.trainer.callback_metrics)
+
+    (checkpoint,) = tmp_path.rglob("last.ckpt")
+    restored = LossModule.load_from_checkpoint(checkpoint)
+    assert isinstance(restored.loss, MultiTaskLoss)
+    assert torch.equal(restored.loss.log_variances.detach(), learned)
+    assert restored.loss.regression_tasks == ["center"]
