@@ -79,22 +79,6 @@ def test_learnable_loss_parameter_is_restored_from_checkpoint(tmp_path):
     assert torch.equal(restored.loss.log_variance.detach(), learned)
 
 
-def test_print_config_round_trips(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        build_cli(["fit", "--config", str(MAIN_CONFIG), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = capsys.readouterr().out
-    first = tmp_path / "printed.yaml"
-    first.write_text(printed)
-    with pytest.raises(SystemExit):
-        build_cli(["fit", "--config", str(first), "--print_config"])
-    assert capsys.readouterr().out == printed
-    parsed = yaml.safe_load(printed)
-    assert parsed["model"]["loss"]["class_path"] == "torch.nn.CrossEntropyLoss"
-    assert parsed["model"]["optimizer"]["init_args"]["lr"] == 0.003
-    assert parsed["data"]["class_path"] == "lightning_losses.examples.DigitsDataModule"
-
-
 def test_console_script_help():
     result = subprocess.run(
         [sys.executable, "-m", "lightning_losses.cli", "fit", "--help"],
