@@ -33,6 +33,7 @@ __all__ = [
     "check_ndim",
     "check_same_leading_dims",
     "check_same_shape",
+    "compute_dtype",
     "set_value_checks",
     "value_checks_enabled",
 ]
@@ -142,6 +143,18 @@ def value_checks_enabled(tensor: Tensor) -> bool:
     if _VALUE_CHECKS == "never" or torch.compiler.is_compiling():
         return False
     return _VALUE_CHECKS == "always" or tensor.device.type == "cpu"
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype a loss computes in: float64 if any input is float64, else float32 (bf16/fp16 inputs
+    are upcast, DESIGN's rule).
+
+    >>> compute_dtype(torch.zeros(1, dtype=torch.bfloat16))
+    torch.float32
+    >>> compute_dtype(torch.zeros(1), torch.zeros(1, dtype=torch.float64))
+    torch.float64
+    """
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _describe(tensor: Tensor) -> str:

@@ -10,6 +10,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from lightning_losses.protocol import compute_dtype
+
 __all__ = ["KNNAccuracy"]
 
 
@@ -84,7 +86,7 @@ class KNNAccuracy(Metric):
         if not self.embeddings:
             return torch.tensor(0.0, device=self.device)
         embeddings = dim_zero_cat(self.embeddings)
-        embeddings = embeddings.to(torch.float64 if embeddings.dtype == torch.float64 else torch.float32)
+        embeddings = embeddings.to(compute_dtype(embeddings))
         _, labels = torch.unique(dim_zero_cat(self.labels), return_inverse=True)  # classes 0..C-1
         num_rows = len(embeddings)
         if num_rows < 2:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses.protocol import check_floating, check_ndim, check_same_shape
+from lightning_losses.protocol import check_floating, check_ndim, check_same_shape, compute_dtype
 from lightning_losses.reduction import divide_by_count
 
 __all__ = [
@@ -32,11 +32,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------
 # shared pieces
 # ----------------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(tensor: Tensor) -> torch.dtype:
-    """float64 stays float64; every other floating dtype (bf16, fp16, fp32) computes in float32."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _check_labels(name: str, target: Tensor, embeddings_name: str, embeddings: Tensor) -> None:
@@ -116,7 +111,7 @@ def _contrastive(
     _check_positive("margin", margin)
     _check_non_negative("negative_weight", negative_weight)
 
-    x = embeddings.to(_compute_dtype(embeddings))
+    x = embeddings.to(compute_dtype(embeddings))
     squared = pairwise_squared_distances(x)
     same_label = target[:, None] == target[None, :]
     not_self = ~torch.eye(len(target), dtype=torch.bool, device=target.device)
@@ -219,8 +214,7 @@ def _info_nce(
     check_same_shape("embeddings", embeddings, "positive_embeddings", positive_embeddings)
     _check_positive("temperature", temperature)
 
-    wide = torch.float64 in (embeddings.dtype, positive_embeddings.dtype)
-    dtype = torch.float64 if wide else torch.float32
+    dtype = compute_dtype(embeddings, positive_embeddings)
     z = torch.cat([embeddings.to(dtype), positive_embeddings.to(dtype)])
     num_pairs = len(embeddings)
     _, logits, not_self = _similarity_logits(z, temperature, normalize)
@@ -303,7 +297,7 @@ def _supervised_contrastive(
     _check_labels("target", target, "embeddings", embeddings)
     _check_positive("temperature", temperature)
 
-    dtype = _compute_dtype(embeddings)
+    dtype = compute_dtype(embeddings)
     num_views = embeddings.shape[1] if embeddings.ndim == 3 else 1
     z = embeddings.reshape(embeddings.shape[0] * num_views, embeddings.shape[-1]).to(dtype)
     labels = target.repeat_interleave(num_views)  # row n·V + v is view v of sample n

@@ -11,6 +11,7 @@ from lightning_losses.protocol import (
     check_floating,
     check_mask,
     check_ndim,
+    compute_dtype,
 )
 from lightning_losses.reduction import divide_by_count
 
@@ -80,11 +81,11 @@ def cross_entropy(
     if weight is not None and tuple(weight.shape) != (num_classes,):
         raise ValueError(f"`weight` must have shape ({num_classes},), got {tuple(weight.shape)}")
 
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    valid = valid_mask(target, mask, ignore_index).to(compute_dtype)
+    dtype = compute_dtype(logits)
+    valid = valid_mask(target, mask, ignore_index).to(dtype)
     safe_target = torch.where(valid != 0, target, torch.zeros_like(target)).reshape(-1)
-    flat_logits = logits.reshape(-1, num_classes).to(compute_dtype)
-    class_weight = None if weight is None else weight.to(device=logits.device, dtype=compute_dtype)
+    flat_logits = logits.reshape(-1, num_classes).to(dtype)
+    class_weight = None if weight is None else weight.to(device=logits.device, dtype=dtype)
     per_element = F.cross_entropy(
         flat_logits, safe_target, weight=class_weight, reduction="none", label_smoothing=label_smoothing
     ).reshape(target.shape)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_losses.functional.cross_entropy import cross_entropy
-from lightning_losses.protocol import check_floating, check_mask, check_ndim, check_same_shape
+from lightning_losses.protocol import check_floating, check_mask, check_ndim, check_same_shape, compute_dtype
 from lightning_losses.reduction import masked_mean
 
 __all__ = ["DistillationTerms", "distillation_loss", "kl_divergence"]
@@ -69,10 +69,6 @@ def _check_logits(logits: Tensor, teacher_logits: Tensor, mask: Tensor | None) -
         check_mask("mask", mask, logits.shape[:-1])
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def kl_divergence(
     logits: Tensor,
     teacher_logits: Tensor,
@@ -127,7 +123,7 @@ def kl_divergence(
     """
     _check_logits(logits, teacher_logits, mask)
     check_distillation_options(temperature, direction, beta)
-    dtype = _compute_dtype(logits, teacher_logits)
+    dtype = compute_dtype(logits, teacher_logits)
     log_student = F.log_softmax(logits.to(dtype) / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     per_row = _divergence_per_row(log_teacher, log_student, direction, beta)

@@ -25,6 +25,7 @@ from lightning_losses.protocol import (
     check_mask,
     check_ndim,
     check_same_shape,
+    compute_dtype,
     value_checks_enabled,
 )
 from lightning_losses.reduction import divide_by_count
@@ -156,13 +157,13 @@ def focal_elements(
     """
     _check_options(mode, gamma)
     _check_inputs(logits, target, mask, mode, ignore_index)
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    valid = torch.ones(target.shape, dtype=compute_dtype, device=target.device)
+    dtype = compute_dtype(logits)
+    valid = torch.ones(target.shape, dtype=dtype, device=target.device)
     if mask is not None:
-        valid = valid * mask.to(compute_dtype)
+        valid = valid * mask.to(dtype)
     if ignore_index is not None:
         valid = valid * (target != ignore_index)
-    x = logits.to(compute_dtype)
+    x = logits.to(dtype)
 
     if mode == "multiclass":
         safe_target = torch.where(valid != 0, target, torch.zeros_like(target))
@@ -173,7 +174,7 @@ def focal_elements(
         log_p_t = _log1mexp(log_rest, x.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1) - log_normalizer)
         cross_entropy = -log_p_t
     else:
-        t = torch.where(valid != 0, target.to(compute_dtype), 0.0)
+        t = torch.where(valid != 0, target.to(dtype), 0.0)
         safe_target = t
         log_p, log_not_p = F.logsigmoid(x), F.logsigmoid(-x)
         # p_t = p t + (1 - p)(1 - t) and 1 - p_t = p (1 - t) + (1 - p) t, in log space (soft targets too)
@@ -183,7 +184,7 @@ def focal_elements(
         cross_entropy = -(t * log_p + (1 - t) * log_not_p)  # BCE with logits
 
     per_element = cross_entropy if gamma == 0 else torch.exp(gamma * log_rest) * cross_entropy
-    alpha_t = _alpha_factor(alpha, safe_target, logits, mode, compute_dtype)
+    alpha_t = _alpha_factor(alpha, safe_target, logits, mode, dtype)
     if alpha_t is not None:
         per_element = alpha_t * per_element
     per_element = torch.where(valid != 0, per_element * valid, torch.zeros_like(per_element))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_losses.protocol import check_floating, check_mask, check_ndim
+from lightning_losses.protocol import check_floating, check_mask, check_ndim, compute_dtype
 
 __all__ = ["effective_task_weights", "multi_task_loss"]
 
@@ -50,7 +50,7 @@ def effective_task_weights(
         if num_tasks is None:
             raise ValueError("`num_tasks` is needed when `log_variances` and `task_weights` are both None")
         reference = torch.ones(num_tasks)
-    dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(reference)
     weights = torch.ones(reference.shape, dtype=dtype, device=reference.device)
     if task_weights is not None:
         weights = weights * task_weights.to(weights)
@@ -109,8 +109,8 @@ def multi_task_loss(
     if mask is not None:
         check_mask("mask", mask, (num_tasks,))
 
-    compute_dtype = torch.float64 if task_losses.dtype == torch.float64 else torch.float32
-    losses = task_losses.to(compute_dtype)
+    dtype = compute_dtype(task_losses)
+    losses = task_losses.to(dtype)
     present = torch.ones(num_tasks, dtype=torch.bool, device=losses.device) if mask is None else mask != 0
     # zero absent losses *before* they meet exp(-s): a NaN there would give s a NaN gradient
     losses = torch.where(present, losses, torch.zeros_like(losses))
@@ -118,6 +118,6 @@ def multi_task_loss(
     if log_variances is None:
         terms = weights * losses
     else:
-        s = log_variances.to(compute_dtype)
+        s = log_variances.to(dtype)
         terms = weights * _likelihood_scale(regression, losses) * (torch.exp(-s) * losses + s)
     return torch.where(present, terms, torch.zeros_like(terms)).sum()

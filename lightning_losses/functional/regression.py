@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_losses.protocol import check_floating, check_same_shape
+from lightning_losses.protocol import check_floating, check_same_shape, compute_dtype
 from lightning_losses.reduction import divide_by_count
 
 __all__ = ["expand_mask", "mse"]
@@ -39,12 +39,12 @@ def mse(
     """
     check_floating("preds", preds)
     check_same_shape("preds", preds, "target", target)
-    compute_dtype = torch.float64 if preds.dtype == torch.float64 else torch.float32
-    squared = (preds.to(compute_dtype) - target.to(compute_dtype)) ** 2
+    dtype = compute_dtype(preds)
+    squared = (preds.to(dtype) - target.to(dtype)) ** 2
     if mask is None:
         total, count, per_entry = squared.sum(), squared.numel(), 1
     else:
-        weights = expand_mask(mask, preds).to(compute_dtype)
+        weights = expand_mask(mask, preds).to(dtype)
         total = torch.where(weights != 0, squared * weights, torch.zeros_like(squared)).sum()
         count, per_entry = weights.sum(), preds.shape[mask.ndim :].numel()
     return divide_by_count(total, count if global_valid_toks is None else global_valid_toks * per_entry)

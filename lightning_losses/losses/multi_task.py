@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_losses.functional.multi_task import effective_task_weights, multi_task_loss
 from lightning_losses.losses.combined import CompositeLoss, LossSpec, build_components
-from lightning_losses.protocol import LossOutput, check_class_targets, check_ndim
+from lightning_losses.protocol import LossOutput, check_class_targets, check_ndim, compute_dtype
 from lightning_losses.registry import register_loss
 
 __all__ = ["MultiTaskLoss"]
@@ -221,7 +221,7 @@ class MultiTaskLoss(CompositeLoss):
             # (partial) loss stays a partial sum and the rest become this rank's share.
             losses.append(loss * world_size if counted else loss)
             present.append(has_samples)
-        dtype = torch.float64 if any(loss.dtype == torch.float64 for loss in losses) else torch.float32
+        dtype = compute_dtype(*losses)
         task_losses = torch.stack([loss.to(dtype) for loss in losses])
         total = multi_task_loss(
             task_losses,
