@@ -39,6 +39,8 @@ class WeightedMean(Metric):
         self.add_state("weight", torch.zeros(()), dist_reduce_fx="sum")
 
     def update(self, value: Tensor, weight: float | Tensor = 1.0) -> None:
+        if isinstance(weight, Tensor):
+            weight = weight.detach().to(self.total)
         self.total += value.detach().to(self.total.dtype).sum() * weight
         self.weight += weight
 
@@ -84,11 +86,14 @@ class MetricAggregator(nn.Module):
             self._attribute_of[key] = name
         return self[key]
 
-    def update(self, metrics: Mapping[str, Tensor], weight: float = 1.0) -> dict[str, WeightedMean]:
-        """Add one value per key, counted ``weight`` times; returns the aggregators that were updated."""
+    def update(
+        self, metrics: Mapping[str, Tensor], weights: Mapping[str, float | Tensor] | float = 1.0
+    ) -> dict[str, WeightedMean]:
+        """Add one value per key, counted ``weights[key]`` times (or ``weights`` times); returns the
+        aggregators that were updated."""
         updated = {}
         for key, value in metrics.items():
             metric = self.get_or_create(key, value.device)
-            metric.update(value, weight)
+            metric.update(value, weights[key] if isinstance(weights, Mapping) else weights)
             updated[key] = metric
         return updated

@@ -205,17 +205,18 @@ class LossModule(pl.LightningModule):
         return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
 
     def global_valid_counts(
-        self, batch: Mapping[str, Any], need_tokens: bool = True
+        self, batch: Mapping[str, Any], token_weights: Tensor | None = None, need_tokens: bool = True
     ) -> tuple[Tensor, Tensor]:
         """``(global_valid_toks, global_valid_seqs)`` of this step, summed over ranks in one all-reduce.
 
-        Tokens are counted from ``batch[loss.token_mask_key]`` (times the sample mask, when there is
-        one), sequences from ``batch[loss.sample_mask_key]`` or, without it, the batch size. Counts are
-        int64 when the masks are bool/integer, float32 when a mask holds weights. With
-        ``need_tokens=False`` the token count is 0 when the batch has no token mask.
+        Tokens are counted from ``token_weights`` (what the loss's ``valid_tokens`` says it averages
+        over, e.g. its mask without ``ignore_index`` targets) or else ``batch[loss.token_mask_key]``,
+        times the sample mask when there is one; sequences from ``batch[loss.sample_mask_key]`` or, without
+        it, the batch size. Counts are int64 when every mask is bool/integer, float32 when one holds
+        weights. With ``need_tokens=False`` the token count is 0 when there is nothing to count.
         """
         token_key, sample_key = self._mask_keys()
-        token_mask = batch.get(token_key)
+        token_mask = batch.get(token_key) if token_weights is None else token_weights
         sample_mask = batch.get(sample_key)
         if need_tokens and token_mask is None:
             raise ValueError(
@@ -247,27 +248,36 @@ class LossModule(pl.LightningModule):
         sample_key = getattr(self.loss, "sample_mask_key", "sample_mask")
         return self.loss_binding.source_key(token_key), self.loss_binding.source_key(sample_key)
 
-    def _loss_inputs(self, batch: dict[str, Any], outputs: dict[str, Any]) -> tuple[list, dict, bool]:
-        """The loss's arguments, and whether it was given a global count.
+    def _loss_inputs(
+        self, batch: dict[str, Any], outputs: dict[str, Any]
+    ) -> tuple[list, dict, Tensor | None]:
+        """The loss's arguments, and the global count it was given (tokens over sequences), if any.
 
-        A count is passed when the loss asks for it; an optional ``global_valid_toks`` is left out when
-        the batch has no token mask (the loss then averages over its own inputs).
+        A count is passed when the loss asks for it. An optional ``global_valid_toks`` is left out when
+        there is nothing to count it from (no token mask in the batch and no ``valid_tokens`` from the
+        loss): the loss then averages over its own inputs.
         """
-        special: dict[str, Any] = {"data": batch, "model": self.model}
         binding = self.loss_binding
         wanted = {"global_valid_toks", "global_valid_seqs"} & (set(binding.names) - set(binding.rename))
-        optional_toks = "global_valid_toks" not in binding.required
-        if "global_valid_toks" in wanted and optional_toks and self._mask_keys()[0] not in batch:
-            wanted.discard("global_valid_toks")
-        if wanted:
-            toks, seqs = self.global_valid_counts(batch, need_tokens="global_valid_toks" in wanted)
-            counts = {"global_valid_toks": toks, "global_valid_seqs": seqs}
-            special |= {name: counts[name] for name in wanted}
+        special: dict[str, Any] = {"data": batch, "model": self.model} | dict.fromkeys(wanted)
         args, kwargs = binding.bind([outputs, batch], special=special)
         if self.upcast_inputs:
             args = [_upcast(v) for v in args]
             kwargs = {k: v if k in special else _upcast(v) for k, v in kwargs.items()}
-        return args, kwargs, bool(wanted)
+        token_weights = None
+        if "global_valid_toks" in wanted:
+            valid_tokens = getattr(self.loss, "valid_tokens", None)
+            token_weights = valid_tokens(kwargs) if callable(valid_tokens) else None
+            optional = "global_valid_toks" not in binding.required
+            if optional and token_weights is None and self._mask_keys()[0] not in batch:
+                wanted.discard("global_valid_toks")
+                kwargs.pop("global_valid_toks", None)
+        if wanted:
+            toks, seqs = self.global_valid_counts(batch, token_weights, "global_valid_toks" in wanted)
+            counts = {"global_valid_toks": toks, "global_valid_seqs": seqs}
+            kwargs |= {name: counts[name] for name in wanted}
+            return args, kwargs, toks if "global_valid_toks" in wanted else seqs
+        return args, kwargs, None
 
     # ------------------------------------------------------------------------------------------------
     # steps
@@ -276,28 +286,30 @@ class LossModule(pl.LightningModule):
     def _step(self, batch: Any) -> _StepResult:
         batch = self.batch_as_dict(batch)
         outputs = self(batch)
-        args, kwargs, globally_normalized = self._loss_inputs(batch, outputs)
+        args, kwargs, global_count = self._loss_inputs(batch, outputs)
         loss, metrics = split_output(self.loss(*args, **kwargs))
         if loss.ndim != 0:
             raise ValueError(
                 f"{type(self.loss).__name__} returned a loss of shape {tuple(loss.shape)}; "
                 "it must be a scalar (use reduction='mean' or 'sum')"
             )
-        if globally_normalized:
-            scale = self._world_size()
-            if scale != 1:
-                partial = {"loss", *getattr(self.loss, "partial_metrics", ())}
-                loss = loss * scale
-                metrics = {k: v * scale if k in partial else v for k, v in metrics.items()}
+        partial = {"loss", *getattr(self.loss, "partial_metrics", ())} if global_count is not None else set()
+        scale = self._world_size()
+        if partial and scale != 1:
+            loss = loss * scale
+            metrics = {k: v * scale if k in partial else v for k, v in metrics.items()}
         metrics = {k: v.to(self.device) for k, v in metrics.items()}
-        # A share of a globally normalized loss is one value per step; a local mean weighs as many
-        # samples as the batch holds, so that epoch means are means over samples.
-        weight = 1 if globally_normalized else _batch_size(batch)
-        return _StepResult(loss, metrics, outputs, batch, weight)
+        # Epoch means are means over elements: a (rank-summed) globally normalized value weighs as
+        # many as its global count, a local mean as many samples as the batch holds.
+        batch_size = _batch_size(batch)
+        weights = {k: global_count if k in partial else batch_size for k in metrics}
+        return _StepResult(loss, metrics, outputs, batch, weights)
 
-    def _log_metrics(self, stage: Stage, metrics: Mapping[str, Tensor], weight: float = 1.0) -> None:
+    def _log_metrics(
+        self, stage: Stage, metrics: Mapping[str, Tensor], weights: Mapping[str, Tensor | int]
+    ) -> None:
         aggregator: MetricAggregator = getattr(self, f"{stage}_loss_metrics")
-        for key, metric in aggregator.update(metrics, weight).items():
+        for key, metric in aggregator.update(metrics, weights).items():
             attribute = f"{stage}_loss_metrics.{aggregator.attribute(key)}"
             name = f"{stage}/{key}_epoch" if stage == "train" else f"{stage}/{key}"
             shown = key == "loss"
@@ -330,11 +342,11 @@ class LossModule(pl.LightningModule):
         self.log_dict(collection, on_step=False, on_epoch=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, metrics, outputs, batch, weight = self._step(batch)
+        loss, metrics, outputs, batch, weights = self._step(batch)
         nonfinite = self._all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.float32))
         if bool(nonfinite > 0):  # the one host read per step: every rank takes the same branch
             return self._non_finite_step(loss, int(nonfinite))
-        self._log_metrics("train", metrics, weight)
+        self._log_metrics("train", metrics, weights)
         self._update_task_metrics("train", outputs, batch)
         return loss
 
@@ -377,8 +389,8 @@ class LossModule(pl.LightningModule):
         return self._eval_step("test", batch)
 
     def _eval_step(self, stage: Stage, batch: Any) -> Tensor:
-        loss, metrics, outputs, batch, weight = self._step(batch)
-        self._log_metrics(stage, metrics, weight)
+        loss, metrics, outputs, batch, weights = self._step(batch)
+        self._log_metrics(stage, metrics, weights)
         self._update_task_metrics(stage, outputs, batch)
         return loss
 
@@ -420,7 +432,7 @@ class _StepResult(NamedTuple):
     metrics: dict[str, Tensor]
     outputs: dict[str, Any]
     batch: dict[str, Any]
-    weight: int
+    weights: dict[str, Tensor | int]
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:

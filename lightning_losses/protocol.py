@@ -89,6 +89,8 @@ class LossFunction(nn.Module):
       are *partial sums* on one rank; they are summed over ranks when logged. The ``loss`` key of a
       token/sequence-level loss always is.
 
+    and a method: ``valid_tokens(inputs)`` (below), when its denominator is not just the token mask.
+
     ``forward`` may be written as the guide's protocol (also as ``__call__``, without calling
     ``super().__init__()``)::
 
@@ -111,6 +113,15 @@ class LossFunction(nn.Module):
     token_mask_key: str = "token_mask"
     sample_mask_key: str = "sample_mask"
     partial_metrics: tuple[str, ...] = ()
+
+    def valid_tokens(self, inputs: Mapping[str, Any]) -> Tensor | None:
+        """The weights of the elements this loss averages over, given the inputs it is about to receive.
+
+        ``LossModule`` sums them (over ranks) into ``global_valid_toks``, so the count is exactly the
+        loss's own denominator: a loss that also skips ``ignore_index`` targets says so here. ``None``
+        (the default): count ``batch[token_mask_key]``.
+        """
+        return None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

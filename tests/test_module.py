@@ -98,8 +98,8 @@ def test_inputs_resolved_by_name_keyword_model_and_tuple_batches():
     batch = token_shards(torch.float32)[0]
     outputs = module(batch)
     assert outputs.keys() == {"preds"}
-    _, kwargs, globally_normalized = module._loss_inputs(batch, outputs)
-    assert globally_normalized
+    _, kwargs, global_count = module._loss_inputs(batch, outputs)
+    assert global_count.item() == 10
     assert kwargs.keys() == {"preds", "target", "token_mask", "global_valid_toks"}
     assert kwargs["global_valid_toks"].item() == batch["token_mask"].sum().item() == 10
 
@@ -119,8 +119,8 @@ def test_missing_loss_input_error_lists_what_was_available():
 
 
 def test_missing_token_mask_for_global_valid_toks_is_a_clear_error():
-    module = LossModule(TokenRegressor(), TokenSquaredError())
-    batch = token_shards(torch.float32)[0]
+    module = LossModule(TinyLM(), GuideProtocolLoss({}))
+    batch = lm_batches(1)[0]
     del batch["token_mask"]
     with pytest.raises(
         ValueError, match="needs `global_valid_toks`, counted from the batch key 'token_mask'"
@@ -364,3 +364,18 @@ def test_loss_parameters_get_no_weight_decay_and_task_metric_names_must_not_clas
     data = DataLoader(DictDataset(inputs=torch.randn(8, 4), target=torch.randint(0, 3, (8,))), batch_size=4)
     with pytest.raises(ValueError, match=r"task metrics \['accuracy'\] have the names of metrics the loss"):
         quiet_trainer(max_steps=1).fit(clashing, data)
+
+
+def test_library_loss_epoch_metrics_are_exact_over_uneven_batches():
+    """A globally normalized loss logs one value per step; its local-mean metrics weigh by batch size."""
+    from lightning_losses.losses import CrossEntropyLoss
+
+    x = torch.randn(96, 4)
+    y = (x[:, 0] + 0.5 * torch.randn(96) > 0).long()
+    data = DataLoader(DictDataset(inputs=x, target=y), batch_size=40)  # 40, 40, 16
+    module = LossModule(nn.Linear(4, 2), CrossEntropyLoss())
+    results = quiet_trainer().test(module, data, verbose=False)[0]
+    with torch.no_grad():
+        logits = module.model(x)
+    assert results["test/accuracy"] == pytest.approx((logits.argmax(1) == y).float().mean().item(), abs=1e-6)
+    assert results["test/loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)

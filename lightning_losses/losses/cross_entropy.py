@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,6 +55,14 @@ class CrossEntropyLoss(LossFunction):
         self.scale = float(weight) if isinstance(weight, (int, float)) else 1.0
         class_weight = None if weight is None or isinstance(weight, (int, float)) else torch.as_tensor(weight)
         self.register_buffer("class_weight", None if class_weight is None else class_weight.float())
+
+    def valid_tokens(self, inputs: Mapping[str, Any]) -> Tensor:
+        """Valid elements weighted by their class weight: the denominator of the mean."""
+        valid = valid_mask(inputs["target"], inputs.get("mask"), self.ignore_index)
+        if self.class_weight is None:
+            return valid
+        target = torch.where(valid != 0, inputs["target"], torch.zeros_like(inputs["target"]))
+        return valid * self.class_weight.to(valid.device)[target]
 
     def forward(
         self,

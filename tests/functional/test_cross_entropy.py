@@ -157,15 +157,25 @@ def test_loss_module_counts_tokens_from_the_renamed_mask_key():
         "labels": torch.randint(0, 7, (2, 5)),
         "token_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]),
     }
-    args, kwargs, globally_normalized = module._loss_inputs(batch, module(batch))
-    assert globally_normalized and kwargs["global_valid_toks"].item() == 4
+    args, kwargs, global_count = module._loss_inputs(batch, module(batch))
+    assert global_count is not None and kwargs["global_valid_toks"].item() == 4
     loss, _ = CrossEntropyLoss()(*args, **kwargs)
     logits = module(batch)["next_token_logits"]
     keep = batch["token_mask"].bool()
     torch.testing.assert_close(loss, F.cross_entropy(logits[keep], batch["labels"][keep]))
-    # without a mask in the batch an [N, C] classification loss gets no global count: a local mean
-    plain = LossModule(torch.nn.Linear(3, 4), CrossEntropyLoss())
-    _, kwargs, globally_normalized = plain._loss_inputs(
-        {"inputs": torch.ones(2, 3), "target": torch.tensor([0, 1])}, {"logits": torch.zeros(2, 4)}
+    # ignore_index targets under a set mask are not counted: the count is the loss's own denominator
+    batch["labels"][0, 0] = -100
+    _, kwargs, _ = module._loss_inputs(batch, module(batch))
+    assert kwargs["global_valid_toks"].item() == 3
+    # an [N, C] batch without any mask is counted too (every valid target), and class weights count
+    # as the weighted mean's denominator: the global mean equals F.cross_entropy(weight=...)
+    weights = [1.0, 3.0, 1.0, 1.0]
+    weighted = LossModule(torch.nn.Linear(3, 4), CrossEntropyLoss(weight=weights))
+    plain_batch = {"inputs": torch.ones(3, 3), "target": torch.tensor([0, 1, -100])}
+    outputs = {"logits": torch.randn(3, 4)}
+    _, kwargs, global_count = weighted._loss_inputs(plain_batch, outputs)
+    assert global_count is not None and kwargs["global_valid_toks"].item() == 4.0
+    torch.testing.assert_close(
+        weighted.loss(**kwargs).loss,
+        F.cross_entropy(outputs["logits"], plain_batch["target"], weight=torch.tensor(weights)),
     )
-    assert not globally_normalized and "global_valid_toks" not in kwargs

@@ -362,8 +362,8 @@ def test_loss_module_resolves_teacher_logits_and_the_token_count_by_name():
         "mask": torch.tensor([[1, 1, 0], [1, 0, 0]]),
     }
     module = LossModule(TokenModel(), KLDivergenceLoss(temperature=2.0))
-    _, kwargs, globally_normalized = module._loss_inputs(batch, module(batch))
-    assert globally_normalized and kwargs["global_valid_toks"] == 3
+    _, kwargs, global_count = module._loss_inputs(batch, module(batch))
+    assert global_count == 3 and kwargs["global_valid_toks"] == 3
     assert kwargs["teacher_logits"] is batch["teacher_logits"]
     loss = module._step(batch).loss
     expected = distillation_loss(
