@@ -31,6 +31,7 @@ __all__ = [
     "check_floating",
     "check_mask",
     "check_ndim",
+    "check_positive",
     "check_same_leading_dims",
     "check_same_shape",
     "compute_dtype",
@@ -186,6 +187,12 @@ def check_ndim(name: str, tensor: Tensor, ndims: int | Sequence[int]) -> None:
     if tensor.ndim not in allowed:
         expected = " or ".join(str(n) for n in allowed)
         raise ValueError(f"`{name}` must have {expected} dimensions, got {_describe(tensor)}")
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """Raise ``ValueError`` unless the option ``value`` is > 0 (>= 0 with ``allow_zero``)."""
+    if not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"`{name}` must be {'non-negative' if allow_zero else 'positive'}, got {value}")
 
 
 def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:

@@ -95,6 +95,8 @@ class KNNAccuracy(Metric):
         num_classes = int(labels.max()) + 1
         if self.distance == "cosine":
             embeddings = F.normalize(embeddings, dim=-1)
+        # distances do not change under translation; centring shrinks the cancellation in ‖x‖² − 2q·x
+        embeddings = embeddings - embeddings.mean(dim=0, keepdim=True)
         squared_norms = embeddings.pow(2).sum(-1)
         correct = torch.zeros((), dtype=torch.long, device=embeddings.device)
         for start in range(0, num_rows, self.query_chunk_size):

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses.protocol import check_floating, check_ndim, check_same_shape, compute_dtype
+from lightning_losses.protocol import (
+    check_floating,
+    check_ndim,
+    check_positive,
+    check_same_shape,
+    compute_dtype,
+)
 from lightning_losses.reduction import divide_by_count
 
 __all__ = [
@@ -48,16 +54,6 @@ def _check_labels(name: str, target: Tensor, embeddings_name: str, embeddings: T
             f"`{name}` must have shape ({embeddings.shape[0]},), one label per row of `{embeddings_name}`, "
             f"got {tuple(target.shape)} with `{embeddings_name}` of shape {tuple(embeddings.shape)}"
         )
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"`{name}` must be positive, got {value}")
-
-
-def _check_non_negative(name: str, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"`{name}` must be non-negative, got {value}")
 
 
 def safe_sqrt(squared: Tensor) -> Tensor:
@@ -108,8 +104,8 @@ def _contrastive(
     check_floating("embeddings", embeddings)
     check_ndim("embeddings", embeddings, 2)
     _check_labels("target", target, "embeddings", embeddings)
-    _check_positive("margin", margin)
-    _check_non_negative("negative_weight", negative_weight)
+    check_positive("margin", margin)
+    check_positive("negative_weight", negative_weight, allow_zero=True)
 
     x = embeddings.to(compute_dtype(embeddings))
     squared = pairwise_squared_distances(x)
@@ -212,7 +208,7 @@ def _info_nce(
     check_floating("positive_embeddings", positive_embeddings)
     check_ndim("embeddings", embeddings, 2)
     check_same_shape("embeddings", embeddings, "positive_embeddings", positive_embeddings)
-    _check_positive("temperature", temperature)
+    check_positive("temperature", temperature)
 
     dtype = compute_dtype(embeddings, positive_embeddings)
     z = torch.cat([embeddings.to(dtype), positive_embeddings.to(dtype)])
@@ -295,7 +291,7 @@ def _supervised_contrastive(
     check_floating("embeddings", embeddings)
     check_ndim("embeddings", embeddings, (2, 3))
     _check_labels("target", target, "embeddings", embeddings)
-    _check_positive("temperature", temperature)
+    check_positive("temperature", temperature)
 
     dtype = compute_dtype(embeddings)
     num_views = embeddings.shape[1] if embeddings.ndim == 3 else 1

@@ -13,15 +13,10 @@ from lightning_losses.functional.contrastive import (
     info_nce_loss_with_metrics,
     supervised_contrastive_loss_with_metrics,
 )
-from lightning_losses.protocol import LossFunction, LossOutput
+from lightning_losses.protocol import LossFunction, LossOutput, check_positive
 from lightning_losses.registry import register_loss
 
 __all__ = ["ContrastiveLoss", "InfoNCELoss", "SupConLoss"]
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"`{name}` must be positive, got {value}")
 
 
 @register_loss("contrastive")
@@ -50,7 +45,7 @@ class ContrastiveLoss(LossFunction):
 
     def __init__(self, margin: float = 1.0, negative_weight: float = 1.0) -> None:
         super().__init__()
-        _check_positive("margin", margin)
+        check_positive("margin", margin)
         if not negative_weight >= 0:
             raise ValueError(f"`negative_weight` must be non-negative, got {negative_weight}")
         self.margin = margin
@@ -91,7 +86,7 @@ class InfoNCELoss(LossFunction):
 
     def __init__(self, temperature: float = 0.1, normalize: bool = True) -> None:
         super().__init__()
-        _check_positive("temperature", temperature)
+        check_positive("temperature", temperature)
         self.temperature = temperature
         self.normalize = normalize
 
@@ -129,7 +124,7 @@ class SupConLoss(LossFunction):
 
     def __init__(self, temperature: float = 0.1, normalize: bool = True) -> None:
         super().__init__()
-        _check_positive("temperature", temperature)
+        check_positive("temperature", temperature)
         self.temperature = temperature
         self.normalize = normalize
 
