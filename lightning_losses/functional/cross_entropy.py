@@ -18,9 +18,11 @@ from lightning_losses.reduction import divide_by_count
 __all__ = ["cross_entropy", "valid_mask"]
 
 
-def valid_mask(target: Tensor, mask: Tensor | None, ignore_index: int | None) -> Tensor:
-    """Float weights of the valid elements: ``mask`` (bool or weights) where ``target != ignore_index``."""
-    valid = torch.ones_like(target, dtype=torch.float32) if mask is None else mask.to(torch.float32)
+def valid_mask(
+    target: Tensor, mask: Tensor | None, ignore_index: int | None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Weights of the valid elements as `dtype`: `mask` (bool or weights) where `target != ignore_index`."""
+    valid = torch.ones_like(target, dtype=dtype) if mask is None else mask.to(dtype)
     if ignore_index is not None:
         valid = valid * (target != ignore_index)
     return valid
@@ -82,7 +84,7 @@ def cross_entropy(
         raise ValueError(f"`weight` must have shape ({num_classes},), got {tuple(weight.shape)}")
 
     dtype = compute_dtype(logits)
-    valid = valid_mask(target, mask, ignore_index).to(dtype)
+    valid = valid_mask(target, mask, ignore_index, dtype)
     safe_target = torch.where(valid != 0, target, torch.zeros_like(target)).reshape(-1)
     flat_logits = logits.reshape(-1, num_classes).to(dtype)
     class_weight = None if weight is None else weight.to(device=logits.device, dtype=dtype)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses.functional.cross_entropy import cross_entropy
+from lightning_losses.functional.cross_entropy import cross_entropy, valid_mask
 from lightning_losses.protocol import check_floating, check_mask, check_ndim, check_same_shape, compute_dtype
 from lightning_losses.reduction import masked_mean
 
@@ -30,24 +30,66 @@ class DistillationTerms(NamedTuple):
     task_loss: Tensor | None
 
 
-def check_distillation_options(temperature: float, direction: str, beta: float) -> None:
-    """Raise ``ValueError`` for a temperature ≤ 0, an unknown direction or β outside (0, 1)."""
+def check_distillation_options(
+    temperature: float, direction: str, beta: float, alpha: float | None = None
+) -> None:
+    """Raise ``ValueError`` naming the option for a temperature ≤ 0, an unknown direction, β outside
+    (0, 1) (for ``"jsd"``) or, when given, α outside [0, 1].
+
+    The one check of these options, shared by the functionals and ``KLDivergenceLoss.__init__``.
+
+    >>> check_distillation_options(2.0, "jsd", 0.5, alpha=0.7)  # fine: returns None
+    >>> check_distillation_options(2.0, "jsd", 1.0)
+    Traceback (most recent call last):
+        ...
+    ValueError: `beta` must be in (0, 1) for direction='jsd', got 1.0
+    >>> check_distillation_options(2.0, "forward", 0.5, alpha=1.5)
+    Traceback (most recent call last):
+        ...
+    ValueError: `alpha` must be in [0, 1], got 1.5
+    """
     if not temperature > 0:
         raise ValueError(f"`temperature` must be positive, got {temperature}")
     if direction not in DIRECTIONS:
         raise ValueError(f"`direction` must be one of {list(DIRECTIONS)}, got {direction!r}")
     if direction == "jsd" and not 0.0 < beta < 1.0:
         raise ValueError(f"`beta` must be in (0, 1) for direction='jsd', got {beta}")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1], got {alpha}")
 
 
 def _kl_per_row(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``KL(P ‖ Q) = Σ_c p_c (log p_c − log q_c)`` over the last dimension, from log-probabilities.
 
-    A class with ``p_c = 0`` (a ``-inf`` logit) contributes 0 (the convention ``0·log 0 = 0``);
-    ``F.kl_div`` alone would give ``0·(−inf) = NaN`` there.
+    - ``p_c = 0`` (``log_p = -inf``): the class contributes 0 (``0·log 0 = 0``), with a zero gradient
+      into both arguments. ``F.kl_div`` gives ``0·(−inf) = NaN`` there, in its value and, even where
+      the value is masked out, in its gradient (``exp(log p)·(log p − log q + 1)``): so the ``-inf``
+      entries are replaced by 0 *before* any arithmetic, and the class's term selected away after.
+    - ``p_c > 0`` and ``q_c = 0``: the class contributes ``+inf``, KL's value by definition (the
+      row's divergence is ``+inf``). Its gradient into ``log_q`` is the exact, finite ``−p_c``; into
+      ``log_p`` it would be ``+inf`` (NaN after ``log_softmax``), so ``log_p`` is treated as a constant
+      in that class's term: the gradients stay NaN-free and a masked-out row stays exactly 0.
     """
-    terms = F.kl_div(log_q, log_p, reduction="none", log_target=True)
-    return torch.where(torch.isneginf(log_p), torch.zeros_like(terms), terms).sum(-1)
+    p_zero = torch.isneginf(log_p)
+    q_only_zero = torch.isneginf(log_q) & ~p_zero
+    zero = log_p.new_zeros(())
+    safe_log_p = torch.where(p_zero, zero, log_p)
+    safe_log_p = torch.where(q_only_zero, safe_log_p.detach(), safe_log_p)
+    safe_log_q = torch.where(p_zero, zero, log_q)
+    terms = torch.exp(safe_log_p) * (safe_log_p - safe_log_q)
+    return torch.where(p_zero, zero, terms).sum(-1)
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """``log(β·p + (1 − β)·q)`` by ``logaddexp``; ``-inf`` (with a zero gradient) where ``p = q = 0``,
+    where ``logaddexp``'s own gradient is ``0/NaN = NaN``."""
+    both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
+    zero = log_p.new_zeros(())
+    mixture = torch.logaddexp(
+        torch.where(both_zero, zero, log_p) + math.log(beta),
+        torch.where(both_zero, zero, log_q) + math.log1p(-beta),
+    )
+    return torch.where(both_zero, log_p.new_full((), -math.inf), mixture)
 
 
 def _divergence_per_row(log_teacher: Tensor, log_student: Tensor, direction: str, beta: float) -> Tensor:
@@ -55,8 +97,8 @@ def _divergence_per_row(log_teacher: Tensor, log_student: Tensor, direction: str
         return _kl_per_row(log_teacher, log_student)
     if direction == "reverse":
         return _kl_per_row(log_student, log_teacher)
-    # generalized JSD, P = teacher, Q = student: log M = log(β·p + (1 − β)·q), by logsumexp of two terms
-    log_mixture = torch.logaddexp(log_teacher + math.log(beta), log_student + math.log1p(-beta))
+    # generalized JSD, P = teacher, Q = student: M > 0 wherever P or Q is, so it is always finite
+    log_mixture = _log_mixture(log_teacher, log_student, beta)
     return beta * _kl_per_row(log_teacher, log_mixture) + (1.0 - beta) * _kl_per_row(log_student, log_mixture)
 
 
@@ -93,9 +135,18 @@ def kl_divergence(
       swapping teacher and student is the same as replacing :math:`\beta` by :math:`1 - \beta`.
 
     Everything is computed from ``log_softmax`` in log space (``log M`` by ``logaddexp``, a two-term
-    logsumexp), so confident logits give exact, finite values; a class with zero probability (a
-    ``-inf`` logit) contributes ``0·log 0 = 0``. No factor :math:`T^2` here (see
-    :func:`distillation_loss`).
+    logsumexp), so confident logits give exact, finite values. ``-inf`` logits (classes ruled out,
+    e.g. a padded vocabulary) are exact too, with NaN-free gradients even in masked-out rows:
+
+    - a class with zero probability under the first argument of a KL contributes ``0·log 0 = 0``;
+    - a class with mass under the first argument but none under the second makes the KL ``+inf``, its
+      value by definition: forward KL where the *student* rules out a class the teacher allows, reverse
+      KL where the *teacher* rules out a class the student allows. The gradients stay finite (the
+      second argument's is exact; the first's treats that class's :math:`p_c` as a constant), and
+      ``LossModule``'s ``nan_policy`` sees the non-finite loss;
+    - ``"jsd"`` is always finite: :math:`M > 0` wherever :math:`P` or :math:`Q` is.
+
+    No factor :math:`T^2` here (see :func:`distillation_loss`).
 
     Reduction, over valid rows (non-zero ``mask``; a float mask weighs them):
 
@@ -150,12 +201,14 @@ def distillation_loss(
         \mathrm{softmax}(z^{s}/T)\big)
 
     with :math:`D` the :func:`kl_divergence` of ``direction`` (forward KL by default) and CE the library's
-    :func:`~lightning_losses.functional.cross_entropy` on the student's unsoftened logits (mask and
-    ``ignore_index`` apply to it; the divergence uses the mask only). :math:`T^2` keeps the soft term's
-    gradients at the scale of the hard term's as :math:`T` changes. Without ``target``,
-    :math:`L = T^2 D` (``alpha`` is not used).
+    :func:`~lightning_losses.functional.cross_entropy` on the student's unsoftened logits. :math:`T^2`
+    keeps the soft term's gradients at the scale of the hard term's as :math:`T` changes. Without
+    ``target``, :math:`L = T^2 D` (``alpha`` is not used).
 
-    Both terms are means over valid rows, or sums divided by ``global_valid_toks`` (TOKEN_LEVEL).
+    Both terms average over the same valid rows: a non-zero ``mask`` (a float mask weighs them) and,
+    given ``target``, ``target != ignore_index`` (a row marked as padding only by its target counts in
+    neither term). Each is a mean over those rows, or their sum divided by ``global_valid_toks``
+    (TOKEN_LEVEL; ``KLDivergenceLoss.valid_tokens`` counts the same rows).
 
     Args:
         logits: the student's ``[N, C]`` or ``[B, T, V]`` logits.
@@ -167,7 +220,7 @@ def distillation_loss(
         alpha: weight :math:`\alpha \in [0, 1]` of the task (cross-entropy) term.
         direction: ``"forward"``, ``"reverse"`` or ``"jsd"`` (see :func:`kl_divergence`).
         beta: :math:`\beta \in (0, 1)` of ``"jsd"``.
-        ignore_index: target value the task term skips.
+        ignore_index: target value whose rows both terms skip.
 
     Returns:
         ``DistillationTerms(loss, kl_loss, task_loss)``: ``kl_loss`` is :math:`T^2 D`; ``task_loss`` is
@@ -182,8 +235,12 @@ def distillation_loss(
     >>> terms.loss  # 0.5·task_loss + 0.5·kl_loss
     tensor(0.9877)
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`alpha` must be in [0, 1], got {alpha}")
+    check_distillation_options(temperature, direction, beta, alpha)
+    _check_logits(logits, teacher_logits, mask)
+    task_loss = None
+    if target is not None:  # checks `target` (shape, dtype, range) before it is used as a mask
+        task_loss = cross_entropy(logits, target, mask, global_valid_toks, ignore_index=ignore_index)
+        mask = valid_mask(target, mask, ignore_index, compute_dtype(logits))  # rows the task term averages
     kl_loss = temperature**2 * kl_divergence(
         logits,
         teacher_logits,
@@ -193,7 +250,6 @@ def distillation_loss(
         direction=direction,
         beta=beta,
     )
-    if target is None:
+    if task_loss is None:
         return DistillationTerms(kl_loss, kl_loss, None)
-    task_loss = cross_entropy(logits, target, mask, global_valid_toks, ignore_index=ignore_index)
     return DistillationTerms(alpha * task_loss + (1.0 - alpha) * kl_loss, kl_loss, task_loss)

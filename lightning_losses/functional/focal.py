@@ -19,28 +19,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_losses.functional.cross_entropy import valid_mask
 from lightning_losses.protocol import (
     check_class_targets,
     check_floating,
     check_mask,
     check_ndim,
+    check_same_leading_dims,
     check_same_shape,
     compute_dtype,
     value_checks_enabled,
 )
-from lightning_losses.reduction import divide_by_count
+from lightning_losses.reduction import masked_mean
 
-__all__ = ["FocalElements", "FocalMode", "focal_elements", "focal_loss", "reduce_focal"]
+__all__ = ["FOCAL_MODES", "FocalElements", "FocalMode", "check_focal_options", "focal_elements", "focal_loss"]
 
 FocalMode = Literal["multiclass", "binary", "multilabel"]
-_MODES = ("multiclass", "binary", "multilabel")
+FOCAL_MODES: tuple[str, ...] = ("multiclass", "binary", "multilabel")
+
+_NEG_INF = float("-inf")
 
 
 class FocalElements(NamedTuple):
-    """Unreduced focal-loss terms, each of the shape of ``target``.
+    r"""Unreduced focal-loss terms, each of the shape of ``target``.
 
-    ``loss``: the per-element focal loss, 0 where ``valid`` is 0. ``log_p_t``: :math:`\\log p_t` (detach it
-    before logging). ``valid``: the element weights (``mask`` times ``target != ignore_index``).
+    ``loss``: the per-element focal loss :math:`\ell_i`, not yet weighted by ``valid``, 0 where ``valid``
+    is 0. ``log_p_t``: :math:`\log p_t` (detach it before logging). ``valid``: the element weights
+    (``mask`` times ``target != ignore_index``). ``focal_loss`` is ``masked_mean(loss, valid, count)``.
     """
 
     loss: Tensor
@@ -48,11 +53,18 @@ class FocalElements(NamedTuple):
     valid: Tensor
 
 
-def _check_options(mode: str, gamma: float) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"`mode` must be one of {list(_MODES)}, got {mode!r}")
-    if not gamma >= 0:
-        raise ValueError(f"`gamma` must be >= 0, got {gamma}")
+def check_focal_options(mode: str, gamma: float) -> None:
+    """Raise ``ValueError`` unless ``mode`` is one of ``FOCAL_MODES`` and ``gamma`` a finite number >= 0.
+
+    >>> check_focal_options("softmax", 2.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `mode` must be one of ['multiclass', 'binary', 'multilabel'], got 'softmax'
+    """
+    if mode not in FOCAL_MODES:
+        raise ValueError(f"`mode` must be one of {list(FOCAL_MODES)}, got {mode!r}")
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"`gamma` must be a finite number >= 0, got {gamma}")
 
 
 def _check_inputs(
@@ -61,12 +73,8 @@ def _check_inputs(
     check_floating("logits", logits)
     if mode == "multiclass":
         check_ndim("logits", logits, (2, 3))
-        if target.shape != logits.shape[:-1]:
-            raise ValueError(
-                f"`target` must have shape {tuple(logits.shape[:-1])} (that of `logits` without its class "
-                f"dimension) in multiclass mode, got {tuple(target.shape)} with `logits` of shape "
-                f"{tuple(logits.shape)}"
-            )
+        check_ndim("target", target, logits.ndim - 1)
+        check_same_leading_dims("logits", logits, "target", target, target.ndim)
         if logits.shape[-1] < 2:
             raise ValueError(
                 f"multiclass mode needs at least 2 classes on the last dimension of `logits`, got shape "
@@ -86,28 +94,28 @@ def _check_inputs(
 
 
 def _check_binary_targets(target: Tensor, mask: Tensor | None, ignore_index: int | None) -> None:
-    """Targets of the elements that count lie in [0, 1] (when value checks run: no hidden host sync)."""
+    """Targets of the elements that count lie in [0, 1]: integer ones are two classes
+    (``check_class_targets``), floating ones (soft targets) are checked here. Only when value checks run."""
+    if target.dtype == torch.bool:
+        return
+    if not target.is_floating_point():
+        check_class_targets("target", target, 2, ignore_index, mask)
+        return
     if target.numel() == 0 or not value_checks_enabled(target):
         return
-    keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask != 0
-    if ignore_index is not None:
-        keep = keep & (target != ignore_index)
-    valid = target[keep]
-    if valid.numel() == 0:
-        return
-    low, high = valid.min().item(), valid.max().item()
-    if not (low >= 0 and high <= 1):  # also catches NaN
+    counted = target[valid_mask(target, mask, ignore_index) != 0]
+    if counted.numel() > 0 and not bool(((counted >= 0) & (counted <= 1)).all()):  # NaN fails too
         ignored = "" if ignore_index is None else f" (other than ignore_index={ignore_index})"
         raise ValueError(
-            f"`target` must lie in [0, 1]{ignored} in binary/multilabel mode, got values in [{low}, {high}] "
-            f"for shape {tuple(target.shape)}"
+            f"`target` must lie in [0, 1]{ignored} in binary/multilabel mode, got values in "
+            f"[{counted.min().item()}, {counted.max().item()}] for shape {tuple(target.shape)}"
         )
 
 
 def _alpha_factor(
     alpha: float | Tensor | None, target: Tensor, logits: Tensor, mode: str, dtype: torch.dtype
 ) -> Tensor | None:
-    """:math:`\\alpha_t` per element, or None for no weighting."""
+    r""":math:`\alpha_t` per element, or None for no weighting."""
     if alpha is None:
         return None
     alpha = torch.as_tensor(alpha, device=logits.device).to(dtype)
@@ -139,6 +147,56 @@ def _log1mexp(log_q: Tensor, fallback: Tensor) -> Tensor:
     return torch.where(use, torch.log1p(-torch.exp(safe)), fallback)
 
 
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """``logaddexp(a, b)`` whose gradient is 0, not NaN, where both are -inf (the value stays -inf)."""
+    both = (a == _NEG_INF) & (b == _NEG_INF)
+    return torch.where(both, _NEG_INF, torch.logaddexp(a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)))
+
+
+def _softmax_terms(
+    logits: Tensor, safe_target: Tensor, keep: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(log p_t, log(1 - p_t))`` of a softmax over the last dimension, without a one-hot.
+
+    ``log(1 - p_t)`` is the logsumexp over the *other* classes minus the one over all: exact also where
+    ``p_t`` rounds to 1. The other classes are one copy of the logits (the upcast of a half-precision
+    input is that copy) with the target's entry set to -inf in place. A row whose other classes are all
+    -inf (``p_t = 1``) gets a finite stand-in for that logsumexp, whose gradient would be NaN, and -inf
+    put back after; the elements that do not count (``keep`` False) get finite stand-ins too, so no inf
+    or NaN reaches their (zero) gradient.
+    """
+    index = safe_target.unsqueeze(-1)
+    x_t = logits.gather(-1, index).squeeze(-1).to(dtype)
+    others = logits.to(dtype, copy=True).scatter_(-1, index, _NEG_INF)
+    no_rest = others.detach().amax(-1, keepdim=True) == _NEG_INF
+    others.scatter_(-1, index, torch.where(no_rest, 0.0, _NEG_INF).to(dtype))
+    log_rest_mass = torch.where(no_rest.squeeze(-1), _NEG_INF, torch.logsumexp(others, dim=-1))
+    x_t = torch.where(keep, x_t, 0.0)
+    log_rest_mass = torch.where(keep, log_rest_mass, 0.0)
+    log_normalizer = torch.logaddexp(x_t, log_rest_mass)
+    log_rest = log_rest_mass - log_normalizer
+    return _log1mexp(log_rest, x_t - log_normalizer), log_rest
+
+
+def _sigmoid_terms(
+    logits: Tensor, t: Tensor, keep: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log p_t, log(1 - p_t), BCE with logits)`` per element, for targets ``t`` in [0, 1] (soft too).
+
+    Infinite logits stay finite where the loss is: ``0 · log 0`` is 0, and ``logaddexp(-inf, -inf)`` has
+    a zero gradient. The elements that do not count get logit 0 (``t`` is 0 there already).
+    """
+    x = torch.where(keep, logits.to(dtype), 0.0)
+    log_p, log_not_p = F.logsigmoid(x), F.logsigmoid(-x)
+    # p_t = p t + (1 - p)(1 - t) and 1 - p_t = p (1 - t) + (1 - p) t, in log space
+    log_t, log_not_t = torch.log(t), torch.log1p(-t)
+    log_p_t = _logaddexp(log_t + log_p, log_not_t + log_not_p)
+    log_rest = _logaddexp(log_not_t + log_p, log_t + log_not_p)
+    positive = torch.where(t != 0, t * log_p, 0.0)
+    negative = torch.where(t != 1, (1 - t) * log_not_p, 0.0)
+    return log_p_t, log_rest, -(positive + negative)
+
+
 def focal_elements(
     logits: Tensor,
     target: Tensor,
@@ -155,46 +213,25 @@ def focal_elements(
     >>> terms.loss, terms.valid
     (tensor([0.0018, 0.0000]), tensor([1., 0.]))
     """
-    _check_options(mode, gamma)
+    check_focal_options(mode, gamma)
     _check_inputs(logits, target, mask, mode, ignore_index)
     dtype = compute_dtype(logits)
-    valid = torch.ones(target.shape, dtype=dtype, device=target.device)
-    if mask is not None:
-        valid = valid * mask.to(dtype)
-    if ignore_index is not None:
-        valid = valid * (target != ignore_index)
-    x = logits.to(dtype)
+    valid = valid_mask(target, mask, ignore_index, dtype)
+    keep = valid != 0
 
     if mode == "multiclass":
-        safe_target = torch.where(valid != 0, target, torch.zeros_like(target))
-        log_normalizer = torch.logsumexp(x, dim=-1)
-        # log(1 - p_t) = logsumexp over the other classes - logsumexp over all: exact when p_t rounds to 1
-        is_target = F.one_hot(safe_target, x.shape[-1]).bool()
-        log_rest = torch.logsumexp(x.masked_fill(is_target, float("-inf")), dim=-1) - log_normalizer
-        log_p_t = _log1mexp(log_rest, x.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1) - log_normalizer)
+        safe_target = torch.where(keep, target, torch.zeros_like(target))
+        log_p_t, log_rest = _softmax_terms(logits, safe_target, keep, dtype)
         cross_entropy = -log_p_t
     else:
-        t = torch.where(valid != 0, target.to(dtype), 0.0)
-        safe_target = t
-        log_p, log_not_p = F.logsigmoid(x), F.logsigmoid(-x)
-        # p_t = p t + (1 - p)(1 - t) and 1 - p_t = p (1 - t) + (1 - p) t, in log space (soft targets too)
-        log_t, log_not_t = torch.log(t), torch.log1p(-t)
-        log_p_t = torch.logaddexp(log_t + log_p, log_not_t + log_not_p)
-        log_rest = torch.logaddexp(log_not_t + log_p, log_t + log_not_p)
-        cross_entropy = -(t * log_p + (1 - t) * log_not_p)  # BCE with logits
+        safe_target = torch.where(keep, target.to(dtype), 0.0)
+        log_p_t, log_rest, cross_entropy = _sigmoid_terms(logits, safe_target, keep, dtype)
 
     per_element = cross_entropy if gamma == 0 else torch.exp(gamma * log_rest) * cross_entropy
     alpha_t = _alpha_factor(alpha, safe_target, logits, mode, dtype)
     if alpha_t is not None:
         per_element = alpha_t * per_element
-    per_element = torch.where(valid != 0, per_element * valid, torch.zeros_like(per_element))
-    return FocalElements(per_element, log_p_t, valid)
-
-
-def reduce_focal(elements: FocalElements, global_valid_toks: Tensor | None = None) -> Tensor:
-    """Sum of the per-element losses over the valid count (or ``global_valid_toks``); 0 if none is valid."""
-    count = elements.valid.sum() if global_valid_toks is None else global_valid_toks
-    return divide_by_count(elements.loss.sum(), count)
+    return FocalElements(torch.where(keep, per_element, 0.0), log_p_t, valid)
 
 
 def focal_loss(
@@ -229,7 +266,13 @@ def focal_loss(
     :math:`\sum_i m_i \ell_i / \sum_i m_i` (class weights scale elements, they are not in the
     denominator: unlike a weighted ``F.cross_entropy``); with it (TOKEN_LEVEL),
     :math:`\sum_i m_i \ell_i / \text{global\_valid\_toks}`. No valid element gives 0 with zero gradient.
-    Computed in float32 for half-precision inputs (float64 stays float64).
+    Computed in float32 for half-precision inputs (float64 stays float64). Multiclass builds no one-hot:
+    its one tensor of the logits' size is a float copy (for half-precision inputs, the upcast itself),
+    which backward keeps, as softmax cross-entropy keeps its log-probabilities.
+
+    Infinite logits (masked vocabulary entries: ``-inf``; sigmoid logits ``±inf``) give finite values and
+    gradients wherever the loss is finite, e.g. a row whose other classes are all ``-inf``; the elements
+    that do not count (masked or ``ignore_index``) always get a zero gradient.
 
     Args:
         logits: see above, any floating dtype.
@@ -252,4 +295,4 @@ def focal_loss(
     terms = focal_elements(
         logits, target, mask, mode=mode, gamma=gamma, alpha=alpha, ignore_index=ignore_index
     )
-    return reduce_focal(terms, global_valid_toks)
+    return masked_mean(terms.loss, terms.valid, global_valid_toks)

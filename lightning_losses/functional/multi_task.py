@@ -35,6 +35,7 @@ def effective_task_weights(
 
     :math:`w_i\,c_i\,e^{-s_i}` with uncertainty weighting (``log_variances`` given), :math:`w_i` without.
     ``c_i`` is ½ for ``regression`` tasks, else 1; ``w_i`` is 1 when ``task_weights`` is None.
+    :func:`multi_task_loss` computes its weights with this function: the two cannot drift apart.
 
     Args:
         log_variances: ``[T]`` learned :math:`s_i = \log\sigma_i^2`, or None.
@@ -62,7 +63,7 @@ def effective_task_weights(
 def multi_task_loss(
     task_losses: Tensor,
     log_variances: Tensor | None = None,
-    mask: Tensor | None = None,
+    present: Tensor | None = None,
     *,
     task_weights: Tensor | None = None,
     regression: Tensor | None = None,
@@ -72,21 +73,21 @@ def multi_task_loss(
     With learned log-variances :math:`s_i = \log\sigma_i^2` (Kendall, Gal & Cipolla, "Multi-Task Learning
     Using Uncertainty to Weigh Losses for Scene Geometry and Semantics", CVPR 2018):
 
-    .. math:: L = \sum_i m_i\, w_i\, c_i \left(e^{-s_i} L_i + s_i\right)
+    .. math:: L = \sum_i p_i\, w_i\, c_i \left(e^{-s_i} L_i + s_i\right)
 
     where :math:`c_i = 1` (the common simplified form) or :math:`c_i = \tfrac12` for ``regression`` tasks:
     :math:`\tfrac{1}{2\sigma_i^2} L_i + \log\sigma_i`, the paper's Gaussian-likelihood term. For fixed
     :math:`L_i > 0` both are minimized at :math:`e^{s_i} = \sigma_i^2 = L_i`. Without ``log_variances``,
-    :math:`L = \sum_i m_i w_i L_i`.
+    :math:`L = \sum_i p_i w_i L_i`. The factor of :math:`L_i` is :func:`effective_task_weights`.
 
-    ``mask`` marks the tasks present (e.g. tasks with no sample in the batch are False): an absent task
-    contributes exactly 0, and no gradient, even where its :math:`L_i` is NaN (the mean of no sample).
-    All tasks absent gives 0.
+    ``present`` (:math:`p_i`, one flag per *task*, not a per-element mask) marks the tasks present (e.g.
+    tasks with no sample in the batch are False): an absent task contributes exactly 0, and no gradient,
+    even where its :math:`L_i` is NaN (the mean of no sample). All tasks absent gives 0.
 
     Args:
         task_losses: ``[T]`` one scalar loss per task, any floating dtype (computed in float32, or float64).
         log_variances: ``[T]`` :math:`s_i`, or None for static weighting.
-        mask: ``[T]`` bool or 0/1, the tasks that count; all by default.
+        present: ``[T]`` bool or 0/1, the tasks that count; all by default.
         task_weights: ``[T]`` static weights :math:`w_i` (1 by default).
         regression: ``[T]`` bool, the tasks with :math:`c_i = \tfrac12`.
 
@@ -106,18 +107,18 @@ def multi_task_loss(
     _check_task_vector("log_variances", log_variances, num_tasks)
     _check_task_vector("task_weights", task_weights, num_tasks)
     _check_task_vector("regression", regression, num_tasks)
-    if mask is not None:
-        check_mask("mask", mask, (num_tasks,))
+    if present is not None:
+        check_mask("present", present, (num_tasks,))
 
     dtype = compute_dtype(task_losses)
     losses = task_losses.to(dtype)
-    present = torch.ones(num_tasks, dtype=torch.bool, device=losses.device) if mask is None else mask != 0
+    flags = torch.ones(num_tasks, dtype=torch.bool, device=losses.device) if present is None else present != 0
     # zero absent losses *before* they meet exp(-s): a NaN there would give s a NaN gradient
-    losses = torch.where(present, losses, torch.zeros_like(losses))
+    losses = torch.where(flags, losses, torch.zeros_like(losses))
+    s = None if log_variances is None else log_variances.to(dtype)
     weights = torch.ones_like(losses) if task_weights is None else task_weights.to(losses)
-    if log_variances is None:
-        terms = weights * losses
-    else:
-        s = log_variances.to(dtype)
-        terms = weights * _likelihood_scale(regression, losses) * (torch.exp(-s) * losses + s)
-    return torch.where(present, terms, torch.zeros_like(terms)).sum()
+    factors = effective_task_weights(s, weights, regression)  # w_i c_i e^{-s_i}, in `dtype`
+    terms = factors * losses
+    if s is not None:  # + w_i c_i s_i, with w_i c_i the effective weights at s = 0
+        terms = terms + effective_task_weights(torch.zeros_like(s), weights, regression) * s
+    return torch.where(flags, terms, torch.zeros_like(terms)).sum()

@@ -120,6 +120,7 @@ def build_components(
 
 
 def _world_size() -> int:
+    """From torch.distributed, not ``trainer.world_size`` as in LossModule: a loss has no trainer."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
@@ -352,6 +353,20 @@ class CombinedLoss(CompositeLoss):
             component = self.component_partial_metrics(name)
             partial += component + ([f"{name}_weighted_loss"] if component else [])
         self.partial_metrics = tuple(partial)
+
+    def valid_tokens(self, inputs: Mapping[str, Any]) -> Tensor | None:
+        """What the first component given ``global_valid_toks`` averages over (its ``valid_tokens``).
+
+        One count serves every component that takes it, so they must average over the same tokens: the
+        same mask, and the same targets and ``ignore_index`` (as the guide's cross_entropy + focal +
+        kl_divergence do).
+        """
+        for name in self.components:
+            hook = getattr(self.components[name], "valid_tokens", None)
+            if name in self.count_receivers["global_valid_toks"] and callable(hook):
+                _, kwargs, _ = self.component_inputs(name, inputs, with_counts=False)
+                return hook(kwargs)
+        return None
 
     def forward(self, **inputs: Any) -> LossOutput:
         self.check_inputs(inputs)

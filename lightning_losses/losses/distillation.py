@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_losses.functional.cross_entropy import valid_mask
 from lightning_losses.functional.distillation import (
     Direction,
     check_distillation_options,
@@ -27,6 +28,16 @@ def load_teacher_weights(teacher: nn.Module, checkpoint: str | Path, prefix: str
     ``"model.<...>"``, so ``prefix="model."`` picks its model) or a plain state dict. Keys that start with
     ``prefix`` are kept with the prefix removed; ``prefix=""`` keeps every key. Loaded with
     ``torch.load(weights_only=True)`` (tensors and plain containers only).
+
+    >>> import os, tempfile
+    >>> teacher = torch.nn.Linear(3, 2)
+    >>> state = {"model.weight": torch.ones(2, 3), "model.bias": torch.zeros(2), "loss.scale": torch.ones(())}
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "teacher.ckpt")
+    ...     torch.save({"state_dict": state}, path)  # what a LossModule checkpoint holds
+    ...     load_teacher_weights(teacher, path)  # keeps "model.*", drops the prefix
+    >>> teacher.weight.sum().item(), teacher.bias.sum().item()
+    (6.0, 0.0)
     """
     path = Path(checkpoint)
     if not path.is_file():
@@ -56,7 +67,7 @@ class KLDivergenceLoss(LossFunction):
     picks forward KL, reverse KL or a generalized Jensen–Shannon divergence; see
     :func:`lightning_losses.functional.distillation.distillation_loss` for the formulas, shapes and
     reductions. ``[N, C]`` classification or token-level ``[B, T, V]`` with a ``mask``: given
-    ``global_valid_toks`` (``LossModule`` counts it from the batch key ``"mask"``) it is TOKEN_LEVEL.
+    ``global_valid_toks`` (``LossModule`` counts it with :meth:`valid_tokens`) it is TOKEN_LEVEL.
 
     The teacher logits come from one of:
 
@@ -83,13 +94,20 @@ class KLDivergenceLoss(LossFunction):
         teacher_checkpoint_prefix: the prefix of the teacher's keys in that file.
         teacher_output_key: the logits' key when the teacher returns a dict.
 
+    Both terms skip the rows the ``mask`` or an ``ignore_index`` target rules out; ``valid_tokens``
+    counts those rows, so under ``LossModule`` ``global_valid_toks`` is exactly the local denominator.
+
     Metrics: ``loss``, ``total_loss`` (the same value, the guide's name), ``kl_loss`` (:math:`T^2` times
-    the divergence), ``task_loss`` (with targets) and ``temperature``.
+    the divergence), ``task_loss`` (the cross-entropy term; 0, the sum over no labelled rows, for a batch
+    without ``target``) and ``temperature``. The keys are the same on every step, labelled or not, so
+    that DDP ranks holding different kinds of batches sync the same metrics at the end of an epoch.
 
     >>> student, teacher = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 3.0]])
     >>> loss, metrics = KLDivergenceLoss(temperature=2.0, alpha=0.5)(student, teacher, torch.tensor([0, 1]))
     >>> sorted(metrics)
     ['kl_loss', 'loss', 'task_loss', 'temperature', 'total_loss']
+    >>> KLDivergenceLoss()(student, teacher).metrics["task_loss"]  # no targets: the same keys
+    tensor(0.)
     >>> frozen = KLDivergenceLoss(teacher=torch.nn.Linear(3, 2))
     >>> frozen.train().teacher.training, frozen.teacher.weight.requires_grad
     (False, False)
@@ -114,9 +132,7 @@ class KLDivergenceLoss(LossFunction):
         teacher_output_key: str = "logits",
     ) -> None:
         super().__init__()
-        check_distillation_options(temperature, direction, beta)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"`alpha` must be in [0, 1], got {alpha}")
+        check_distillation_options(temperature, direction, beta, alpha)
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise TypeError(f"`teacher` must be an nn.Module or None, got {type(teacher).__name__}")
         if teacher_checkpoint is not None and teacher is None:
@@ -142,6 +158,17 @@ class KLDivergenceLoss(LossFunction):
         if self.teacher is not None:
             self.teacher.eval()
         return self
+
+    def valid_tokens(self, inputs: Mapping[str, Any]) -> Tensor:
+        """The rows both terms average over: ``mask`` (ones without it) times ``target != ignore_index``
+        when ``target`` is given. Always a tensor, so that every DDP rank, labelled or not, takes part
+        in ``LossModule``'s all-reduce of the count."""
+        target, mask = inputs.get("target"), inputs.get("mask")
+        if target is not None:
+            return valid_mask(target, mask, self.ignore_index)
+        if mask is not None:
+            return mask.to(torch.float32)
+        return torch.ones(inputs["logits"].shape[:-1], device=inputs["logits"].device)
 
     def teacher_forward(self, inputs: Any) -> Tensor:
         """The frozen teacher's logits on ``inputs`` (no grad, eval mode)."""
@@ -200,10 +227,9 @@ class KLDivergenceLoss(LossFunction):
             "loss": loss.detach(),
             "total_loss": loss.detach(),
             "kl_loss": terms.kl_loss.detach(),
+            "task_loss": loss.new_zeros(()) if terms.task_loss is None else terms.task_loss.detach(),
             "temperature": torch.full((), self.temperature, dtype=loss.dtype, device=loss.device),
         }
-        if terms.task_loss is not None:
-            metrics["task_loss"] = terms.task_loss.detach()
         return LossOutput(loss, metrics)
 
     def extra_repr(self) -> str:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_losses.functional.focal import FocalMode, focal_elements, reduce_focal
+from lightning_losses.functional.cross_entropy import valid_mask
+from lightning_losses.functional.focal import FocalMode, check_focal_options, focal_elements
 from lightning_losses.protocol import LossFunction, LossOutput, LossType
-from lightning_losses.reduction import divide_by_count, masked_sum
+from lightning_losses.reduction import masked_mean
 from lightning_losses.registry import register_loss
 
 __all__ = ["FocalLoss"]
-
-_MODES = ("multiclass", "binary", "multilabel")
 
 
 @register_loss("focal")
@@ -24,8 +24,9 @@ class FocalLoss(LossFunction):
 
     Lin, Goyal, Girshick, He, Dollár, ICCV 2017 (arXiv:1708.02002). See
     :func:`lightning_losses.functional.focal.focal_loss` for the formula and the shapes. Given
-    ``global_valid_toks`` (``LossModule`` counts it from the batch key ``mask``) it is TOKEN_LEVEL: exact
-    under micro-batching and DDP; otherwise a mean over this batch's valid elements.
+    ``global_valid_toks`` (``LossModule`` sums :meth:`valid_tokens`: the batch key ``mask`` without
+    ``ignore_index`` targets) it is TOKEN_LEVEL: exact under micro-batching and DDP; otherwise a mean over
+    this batch's valid elements.
 
     Args:
         mode: ``"multiclass"``: ``logits [N, C]`` / ``[B, T, C]`` and integer ``target [N]`` / ``[B, T]``.
@@ -59,10 +60,7 @@ class FocalLoss(LossFunction):
         ignore_index: int | None = -100,
     ) -> None:
         super().__init__()
-        if mode not in _MODES:
-            raise ValueError(f"`mode` must be one of {list(_MODES)}, got {mode!r}")
-        if not (math.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f"`gamma` must be a finite number >= 0, got {gamma}")
+        check_focal_options(mode, gamma)
         values = [] if alpha is None else [alpha] if isinstance(alpha, (int, float)) else list(alpha)
         if mode == "binary" and not isinstance(alpha, (int, float, type(None))):
             raise ValueError(f"`alpha` must be a number or None in binary mode, got {alpha!r}")
@@ -83,6 +81,12 @@ class FocalLoss(LossFunction):
         alpha = self.alpha if self.class_alpha is None else self.class_alpha.tolist()
         return f"mode={self.mode!r}, gamma={self.gamma}, alpha={alpha}, ignore_index={self.ignore_index}"
 
+    def valid_tokens(self, inputs: Mapping[str, Any]) -> Tensor:
+        """The weights the loss averages over: ``mask`` where ``target != ignore_index``, per element of
+        ``target`` (multiclass: per row of ``logits``; binary/multilabel: per logit, the shape of
+        ``logits``), so ``global_valid_toks`` is exactly the denominator of the local mean."""
+        return valid_mask(inputs["target"], inputs.get("mask"), self.ignore_index)
+
     def forward(
         self,
         logits: Tensor,
@@ -99,13 +103,12 @@ class FocalLoss(LossFunction):
             alpha=self.alpha if self.class_alpha is None else self.class_alpha,
             ignore_index=self.ignore_index,
         )
-        loss = reduce_focal(terms, global_valid_toks)
+        loss = masked_mean(terms.loss, terms.valid, global_valid_toks)
         with torch.no_grad():
-            valid_count = terms.valid.sum()
-            p_t = divide_by_count(masked_sum(terms.log_p_t.exp(), terms.valid), valid_count)
+            p_t = masked_mean(terms.log_p_t.exp(), terms.valid)
             if self.mode == "multiclass":
                 correct = logits.argmax(-1) == target
             else:
                 correct = (logits > 0) == (target > 0.5)
-            accuracy = divide_by_count(masked_sum(correct.to(terms.valid.dtype), terms.valid), valid_count)
+            accuracy = masked_mean(correct.to(terms.valid.dtype), terms.valid)
         return LossOutput(loss, {"loss": loss.detach(), "p_t": p_t, "accuracy": accuracy})

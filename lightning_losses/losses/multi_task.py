@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_losses.functional.multi_task import effective_task_weights, multi_task_loss
-from lightning_losses.losses.combined import CompositeLoss, LossSpec, build_components
-from lightning_losses.protocol import LossOutput, check_class_targets, check_ndim, compute_dtype
+from lightning_losses.losses.combined import COUNT_NAMES, CompositeLoss, LossSpec, build_components
+from lightning_losses.protocol import LossOutput, LossType, check_class_targets, check_ndim, compute_dtype
 from lightning_losses.registry import register_loss
 
 __all__ = ["MultiTaskLoss"]
@@ -26,13 +26,25 @@ def _take_rows(value: Any, rows: Tensor, batch_size: int) -> Any:
     return value
 
 
-def _restrict_mask(mask: Tensor | None, rows: Tensor, task: str) -> Tensor:
-    """``mask`` (``[B, ...]``, bool or weights) limited to the samples ``rows`` (``[B]`` bool)."""
+def _restrict_mask(mask: Tensor | None, rows: Tensor, task: str, target: Any = None) -> Tensor:
+    """``mask`` (``[B, ...]``, bool or weights) limited to the samples ``rows`` (``[B]`` bool).
+
+    Without a mask, ``rows`` broadcast to the shape of the task's ``target`` when it has one (a
+    token-level ``[B, T]`` or multilabel ``[B, C]`` target needs a mask of its shape), else ``rows``.
+    """
+    batch_size = rows.shape[0]
     if mask is None:
-        return rows
-    if mask.ndim == 0 or mask.shape[0] != rows.shape[0]:
+        if not isinstance(target, Tensor) or target.ndim <= 1:
+            return rows
+        if target.shape[0] != batch_size:
+            raise ValueError(
+                f"the `target` of task {task!r} must have the batch size {batch_size} of `task_ids` as its "
+                f"first dimension, got shape {tuple(target.shape)}"
+            )
+        return rows.reshape(-1, *([1] * (target.ndim - 1))).expand(target.shape).contiguous()
+    if mask.ndim == 0 or mask.shape[0] != batch_size:
         raise ValueError(
-            f"the `mask` of task {task!r} must have the batch size {rows.shape[0]} of `task_ids` as its "
+            f"the `mask` of task {task!r} must have the batch size {batch_size} of `task_ids` as its "
             f"first dimension, got shape {tuple(mask.shape)}"
         )
     rows = rows.reshape(-1, *([1] * (mask.ndim - 1)))
@@ -60,13 +72,25 @@ class MultiTaskLoss(CompositeLoss):
       (``{task: {parameter: input name}}``) or an ``input_map`` in its spec dict.
     - **Per-sample task ids** (the guide's ``predictions, targets, task_ids``): ``task_ids [B]`` assigns
       sample ``b`` to task ``task_ids[b]``, the index of a task in ``tasks``. Task ``k``'s loss sees only
-      its samples: a loss with a ``mask`` parameter (the library's) gets them as a mask (static shapes,
-      no host sync); any other loss gets its rows of every input whose first dimension is ``B`` (a host
-      sync on accelerators). A task absent from the batch contributes exactly 0 (and 0 gradient), not
-      NaN. Task losses are then means over this batch's samples of the task: no global counts.
+      its samples, as a ``mask`` (static shapes, no host sync): its own mask (``[B, ...]``) times
+      ``task_ids == k``, or without one ``task_ids == k`` broadcast to the shape of its ``target``
+      (``[B, T]`` tokens, ``[B, C]`` multilabel). So each task's loss must take a ``mask`` (the library's
+      do: ``cross_entropy``, ``mse``, ``focal``, ...); a loss without one (``torch.nn.MSELoss``) is
+      refused with a ``ValueError`` unless ``select_task_rows=True``, which gives it its rows of every
+      input whose first dimension is ``B`` (a boolean selection: one host-device sync per such task per
+      step on an accelerator). Task losses are then means over this batch's samples of the task: no
+      global counts.
 
-    A task whose ``mask`` has no valid element contributes 0 the same way (its :math:`s_i` is not pulled
-    down by a loss of 0). Global counts and DDP: see :class:`~lightning_losses.losses.combined.CompositeLoss`.
+    A task is *absent* when it has no valid element (no sample in ``task_ids``, an all-zero ``mask``):
+    it contributes exactly 0 (and 0 gradient), not NaN, and its :math:`s_i` is not pulled down by a
+    loss of 0. Under DDP, presence is decided where the task loss is normalized, so that the
+    :math:`s_i` term is weighed like :math:`e^{-s_i} L_i`: a task given a global count
+    (``global_valid_toks``: a share of the global batch's mean) is present when that *global* count is
+    positive, the same on every rank (each rank adds its share :math:`s_i / R`, so the gradient after
+    DDP's average is the one-process gradient); a task averaged over this rank's own samples (``task_ids``
+    mode, or a mask other than the counted one) is present when this rank has a valid element (each
+    rank's Kendall term on its own mean, as DDP averages per-rank means). Global counts and DDP: see
+    :class:`~lightning_losses.losses.combined.CompositeLoss`.
 
     Args:
         tasks: a mapping ``{task name: loss spec}`` (a registry name, a ``{name, params}`` or
@@ -78,11 +102,17 @@ class MultiTaskLoss(CompositeLoss):
         init_log_variance: the initial :math:`s_i` (0: :math:`\sigma_i = 1`).
         regression_tasks: names of the tasks with the ½ (Gaussian) form.
         input_maps: per task, its loss's parameter name → input name.
+        select_task_rows: in ``task_ids`` mode, give task losses without a ``mask`` parameter their rows
+            (a host-device sync per step on an accelerator) instead of refusing them.
 
     Metrics: ``loss`` and ``total_loss``; per task ``<task>_loss`` (:math:`L_i`, unweighted; 0 when absent),
     ``<task>_weight`` (the effective weight :math:`w_i e^{-s_i}`, halved for regression tasks),
     ``<task>_sigma`` (:math:`\sigma_i = e^{s_i/2}`, with uncertainty weighting) and the task loss's other
-    metrics as ``<task>_<key>``.
+    metrics as ``<task>_<key>``. Every key is returned every step (DDP syncs the same metrics on every
+    rank), so a step where a task is absent logs ``<task>_loss = 0``, and ``LossModule``'s epoch mean
+    weighs it like any other step (by its batch size, not by the task's samples): where tasks are absent
+    from some steps (typical of ``task_ids`` mode) the epoch mean of ``<task>_loss`` is diluted by those
+    zeros; it is not the mean over the task's own samples.
 
     >>> loss_fn = MultiTaskLoss(
     ...     {"digit": "cross_entropy", "ink": "mse"},
@@ -106,12 +136,18 @@ class MultiTaskLoss(CompositeLoss):
         init_log_variance: float = 0.0,
         regression_tasks: Sequence[str] = (),
         input_maps: Mapping[str, Mapping[str, str]] | None = None,
+        select_task_rows: bool = False,
     ) -> None:
         components, maps = build_components(tasks, "tasks", input_maps)
         super().__init__(components, maps)
         names = list(self.components)
         self.task_names = names
         self.uncertainty_weighting = uncertainty_weighting
+        self.select_task_rows = select_task_rows
+        self.takes_mask = {
+            name: any(p.name == "mask" and p.kind != p.POSITIONAL_ONLY for p in binding.parameters)
+            for name, binding in self.bindings.items()
+        }
         weights = self._resolve_task_weights(task_weights, names)
         self.register_buffer("task_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
         unknown = sorted(set(regression_tasks) - set(names))
@@ -174,23 +210,41 @@ class MultiTaskLoss(CompositeLoss):
             )
         ]
 
+    def _check_task_ids_mode(self) -> None:
+        """Refuse, in ``task_ids`` mode, task losses that can only be restricted by selecting rows."""
+        maskless = [name for name, takes in self.takes_mask.items() if not takes]
+        if maskless and not self.select_task_rows:
+            described = ", ".join(f"{n!r} ({type(self.components[n]).__name__})" for n in maskless)
+            raise ValueError(
+                f"`task_ids` gives each task its samples as a `mask`, but the task loss(es) {described} "
+                "take no `mask` parameter; use a loss that does (the library's: 'mse' for "
+                "torch.nn.MSELoss, 'cross_entropy', 'focal', ...) or set `select_task_rows=True` to give "
+                "them their rows (a host-device sync per step on an accelerator)"
+            )
+
     def _task_inputs(
         self, index: int, name: str, inputs: Mapping[str, Any], task_ids: Tensor
     ) -> tuple[list[Any], dict[str, Any], Tensor | None]:
         """Task ``index``'s arguments limited to its samples, and whether it has any (None: see its mask)."""
         args, kwargs, _ = self.component_inputs(name, inputs, with_counts=False)
         rows = task_ids == index
-        takes_mask = any(
-            p.name == "mask" and p.kind != p.POSITIONAL_ONLY for p in self.bindings[name].parameters
-        )
-        if takes_mask:
-            kwargs["mask"] = _restrict_mask(kwargs.get("mask"), rows, name)
+        if self.takes_mask[name]:
+            kwargs["mask"] = _restrict_mask(kwargs.get("mask"), rows, name, kwargs.get("target"))
             return args, kwargs, None
-        taken = rows.nonzero().squeeze(1)  # a host sync on accelerators: the loss takes no mask
+        taken = rows.nonzero().squeeze(1)  # select_task_rows=True: a host sync on accelerators
         batch_size = task_ids.shape[0]
         args = [_take_rows(value, taken, batch_size) for value in args]
         kwargs = {k: v if k == "model" else _take_rows(v, taken, batch_size) for k, v in kwargs.items()}
         return args, kwargs, rows.any()
+
+    def _globally_present(self, name: str, kwargs: Mapping[str, Any], like: Tensor) -> Tensor:
+        """Whether the global count task ``name`` divides by is positive: the same answer on every rank."""
+        binding = self.bindings[name]
+        given = {c: kwargs[c] for c in COUNT_NAMES if c not in binding.rename and kwargs.get(c) is not None}
+        sequence_level = getattr(self.components[name], "loss_type", None) == LossType.SEQUENCE_LEVEL
+        preferred = "global_valid_seqs" if sequence_level else "global_valid_toks"
+        count = given.get(preferred, next(iter(given.values())))
+        return torch.as_tensor(count, device=like.device) > 0
 
     def forward(self, **inputs: Any) -> LossOutput:
         self.check_inputs(inputs)
@@ -198,29 +252,37 @@ class MultiTaskLoss(CompositeLoss):
         if task_ids is not None:
             check_ndim("task_ids", task_ids, 1)
             check_class_targets("task_ids", task_ids, len(self.task_names))
+            self._check_task_ids_mode()
         world_size = self.counted_world_size(inputs)
         losses, present, metrics = [], [], {}
         for index, name in enumerate(self.task_names):
             if task_ids is None:
                 args, kwargs, counted = self.component_inputs(name, inputs)
-                has_samples = None
+                local = None
             else:
-                args, kwargs, has_samples = self._task_inputs(index, name, inputs, task_ids)
+                args, kwargs, local = self._task_inputs(index, name, inputs, task_ids)
                 counted = False
             mask = kwargs.get("mask")
-            if isinstance(mask, Tensor):
+            if isinstance(mask, Tensor):  # this rank's presence: a valid element here
                 has_valid = (mask != 0).any()
-                has_samples = has_valid if has_samples is None else has_samples & has_valid
+                local = has_valid if local is None else local & has_valid
             loss, task_metrics = self.run_component(name, args, kwargs)
-            if has_samples is None:
-                has_samples = torch.ones((), dtype=torch.bool, device=loss.device)
+            # Presence where the loss is normalized (see the class docstring): globally for a share of
+            # the global batch, so that every rank adds its s_i / R alike; else on this rank.
+            if counted:
+                is_present = self._globally_present(name, kwargs, loss)
+            elif local is not None:
+                is_present = local
+            else:
+                is_present = torch.ones((), dtype=torch.bool, device=loss.device)
+            shown = is_present if local is None else is_present & local
             if not counted:
                 task_metrics = self.local_metrics(task_metrics, world_size)
-            metrics |= {k: torch.where(has_samples, v, torch.zeros_like(v)) for k, v in task_metrics.items()}
+            metrics |= {k: torch.where(shown, v, torch.zeros_like(v)) for k, v in task_metrics.items()}
             # The functional sums full-batch-equivalent losses; divided by world_size below, a counted
             # (partial) loss stays a partial sum and the rest become this rank's share.
             losses.append(loss * world_size if counted else loss)
-            present.append(has_samples)
+            present.append(is_present)
         dtype = compute_dtype(*losses)
         task_losses = torch.stack([loss.to(dtype) for loss in losses])
         total = multi_task_loss(

@@ -54,14 +54,16 @@ def brute_force_distillation(
     beta=0.5,
     ignore_index=-100,
 ):
-    """α·CE + (1 − α)·T²·D, each a (mask-weighted) mean over valid rows; T²·D alone without target."""
+    """α·CE + (1 − α)·T²·D, each a (mask-weighted) mean over the same valid rows (non-zero mask and, with
+    a target, target != ignore_index); T²·D alone without target."""
     num_classes = logits.shape[-1]
     rows = logits.reshape(-1, num_classes).tolist()
     teacher_rows = teacher_logits.reshape(-1, num_classes).tolist()
     weights = [1.0] * len(rows) if mask is None else mask.reshape(-1).double().tolist()
+    labels = [None] * len(rows) if target is None else target.reshape(-1).tolist()
     kl_sum = kl_count = 0.0
-    for row, teacher_row, m in zip(rows, teacher_rows, weights, strict=True):
-        if m != 0:
+    for row, teacher_row, m, t in zip(rows, teacher_rows, weights, labels, strict=True):
+        if m != 0 and t != ignore_index:
             p, q = softened(teacher_row, temperature), softened(row, temperature)
             kl_sum += m * brute_force_divergence(p, q, direction, beta)
             kl_count += m
@@ -192,18 +194,70 @@ def test_confident_logits_stay_finite(direction, expected):
     torch.testing.assert_close(loss, torch.tensor(expected))
 
 
-@pytest.mark.parametrize("direction", ["forward", "jsd"])
-def test_classes_the_teacher_rules_out_contribute_nothing(direction):
-    # a -inf teacher logit: p_c = 0, and 0·log 0 = 0 (F.kl_div alone gives NaN there)
-    student = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64, requires_grad=True)
-    teacher = torch.tensor([[1.0, float("-inf"), 0.0]], dtype=torch.float64)
-    loss = kl_divergence(student, teacher, temperature=2.0, direction=direction)
+def reference_divergence(student, teacher, temperature, direction, beta=0.5):
+    """One row's divergence in float64 torch, differentiable: each distribution is a softmax over its own
+    finite logits only (a ruled-out class is absent, not a -inf), and KL(a ‖ b) = Σ_{a_c > 0} a_c log(a_c/b_c)
+    by a loop, +inf when b lacks a class a has."""
+
+    def probabilities(logits):
+        finite = [c for c, x in enumerate(logits.tolist()) if math.isfinite(x)]
+        soft = torch.softmax(logits[finite] / temperature, dim=0)
+        return {c: soft[i] for i, c in enumerate(finite)}
+
+    def kl(a, b):
+        if any(c not in b for c in a):
+            return torch.tensor(math.inf, dtype=torch.float64)
+        return sum(a[c] * (torch.log(a[c]) - torch.log(b[c])) for c in a)
+
+    p, q = probabilities(teacher), probabilities(student)
+    if direction == "forward":
+        return kl(p, q)
+    if direction == "reverse":
+        return kl(q, p)
+    zero = torch.zeros((), dtype=torch.float64)
+    m = {c: beta * p.get(c, zero) + (1 - beta) * q.get(c, zero) for c in p.keys() | q.keys()}
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("ruled_out_by", ["teacher", "student", "both"])
+def test_classes_ruled_out_by_a_minus_inf_logit(direction, ruled_out_by):
+    """A -inf logit (class 1 of row 0) gives exact values and NaN-free gradients into both sides (the
+    functional lets gradients reach the teacher), also in a masked-out row (row 1) where each KL is +inf."""
+    inf = float("-inf")
+    student = torch.tensor([[0.5, -1.0, 2.0, 0.3], [inf, 1.0, 0.0, 2.0]], dtype=torch.float64)
+    teacher = torch.tensor([[1.0, 0.2, 0.0, -0.5], [1.0, 0.0, -1.0, inf]], dtype=torch.float64)
+    if ruled_out_by in ("student", "both"):
+        student[0, 1] = inf
+    if ruled_out_by in ("teacher", "both"):
+        teacher[0, 1] = inf
+    student.requires_grad_()
+    teacher.requires_grad_()
+    temperature, mask = 2.0, torch.tensor([True, False])
+    loss = kl_divergence(student, teacher, mask, temperature=temperature, direction=direction)
     loss.backward()
-    p, q = softened([1.0, -1e300, 0.0], 2.0), softened(student[0].tolist(), 2.0)
-    assert p[1] == 0.0
-    expected = brute_force_divergence(p, q, direction, 0.5)
-    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64))
-    assert torch.isfinite(student.grad).all()
+    assert not student.grad.isnan().any() and not teacher.grad.isnan().any()
+    assert (student.grad[1] == 0).all() and (teacher.grad[1] == 0).all()  # the masked-out row
+
+    ref_student, ref_teacher = student[0].detach().clone(), teacher[0].detach().clone()
+    ref_student.requires_grad_()
+    ref_teacher.requires_grad_()
+    expected = reference_divergence(ref_student, ref_teacher, temperature, direction)
+    if (direction, ruled_out_by) in {("forward", "student"), ("reverse", "teacher")}:
+        # P has mass where Q has none: KL = +inf by definition; Q's gradient stays the exact (q − p)/T
+        assert expected == math.inf and loss == math.inf
+        p = torch.softmax(ref_teacher.masked_fill(ref_teacher.isinf(), -1e300) / temperature, 0)
+        q = torch.softmax(ref_student.masked_fill(ref_student.isinf(), -1e300) / temperature, 0)
+        q_side = student.grad[0] if direction == "forward" else teacher.grad[0]
+        torch.testing.assert_close(
+            q_side, (q - p) / temperature if direction == "forward" else (p - q) / temperature
+        )
+        assert student.grad.isfinite().all() and teacher.grad.isfinite().all()
+        return
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(student.grad[0], ref_student.grad)
+    torch.testing.assert_close(teacher.grad[0], ref_teacher.grad)
 
 
 def test_jensen_shannon_properties():
@@ -279,8 +333,55 @@ def test_metrics_follow_the_guide_keys():
     assert metrics["total_loss"] == metrics["loss"] == loss.detach()
     assert metrics["kl_loss"] == terms.kl_loss and metrics["task_loss"] == terms.task_loss
     assert metrics["temperature"] == 2.0
-    assert "task_loss" not in loss_fn(student, teacher).metrics
     assert set(KLDivergenceLoss.partial_metrics) == {"total_loss", "kl_loss", "task_loss"}
+
+
+def test_metric_keys_are_the_same_with_and_without_targets():
+    # DDP ranks holding labelled and unlabelled batches must sync the same metrics at the epoch's end
+    student, teacher, target = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    loss_fn = KLDivergenceLoss(temperature=2.0, alpha=0.25)
+    labelled, unlabelled = loss_fn(student, teacher, target).metrics, loss_fn(student, teacher).metrics
+    assert (
+        sorted(labelled)
+        == sorted(unlabelled)
+        == ["kl_loss", "loss", "task_loss", "temperature", "total_loss"]
+    )
+    assert unlabelled["task_loss"] == 0 and unlabelled["task_loss"].ndim == 0
+    assert not unlabelled["task_loss"].requires_grad
+
+
+def test_ignore_index_rows_count_in_neither_term():
+    # padding marked only by its target (-100 under a mask of ones) is skipped by the divergence too
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    teacher = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    target = torch.tensor([[1, -100, 3], [0, 2, -100]])
+    mask = torch.tensor([[True, True, True], [True, False, True]])
+    keep = torch.tensor([[True, False, True], [True, False, False]])  # mask and target != -100, by hand
+    temperature = 2.0
+    log_q, log_p = F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1)
+    kl_rows = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    ce_rows = F.cross_entropy(student.reshape(-1, 4), target.reshape(-1), reduction="none", ignore_index=-100)
+    expected_kl = temperature**2 * kl_rows[keep].mean()
+    expected_ce = ce_rows.reshape(2, 3)[keep].mean()
+    terms = distillation_loss(student, teacher, target, mask, temperature=temperature, alpha=0.4)
+    torch.testing.assert_close(terms.kl_loss, expected_kl)
+    torch.testing.assert_close(terms.task_loss, expected_ce)
+    torch.testing.assert_close(terms.loss, 0.4 * expected_ce + 0.6 * expected_kl)
+    # with a global count: sums over the same rows
+    count = torch.tensor(5)
+    terms = distillation_loss(student, teacher, target, mask, count, temperature=temperature, alpha=0.4)
+    torch.testing.assert_close(terms.kl_loss, temperature**2 * kl_rows[keep].sum() / 5)
+    torch.testing.assert_close(terms.task_loss, ce_rows.reshape(2, 3)[keep].sum() / 5)
+
+
+def test_options_are_checked_when_the_module_is_built():
+    with pytest.raises(ValueError, match=r"`alpha` must be in \[0, 1\], got 1.5"):
+        KLDivergenceLoss(alpha=1.5)
+    with pytest.raises(ValueError, match="`temperature` must be positive"):
+        KLDivergenceLoss(temperature=-1.0)
+    with pytest.raises(ValueError, match=r"`beta` must be in \(0, 1\)"):
+        KLDivergenceLoss(direction="jsd", beta=1.0)
 
 
 def test_registry_builds_it_from_the_guides_schema():
@@ -374,6 +475,39 @@ def test_loss_module_resolves_teacher_logits_and_the_token_count_by_name():
         temperature=2.0,
     ).loss
     torch.testing.assert_close(loss, expected)
+
+
+def test_loss_module_counts_the_rows_the_loss_averages_over():
+    """``global_valid_toks`` is the loss's own denominator: the mask without the ignore_index rows."""
+
+    class TokenModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 5)
+
+        def forward(self, features):
+            return self.linear(features)
+
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "features": torch.randn(2, 3, 4, generator=g),
+        "teacher_logits": torch.randn(2, 3, 5, generator=g),
+        "target": torch.tensor([[2, -100, 4], [-100, 0, 1]]),  # one -100 under the mask, one outside it
+        "mask": torch.tensor([[1, 1, 1], [0, 1, 0]]),
+    }
+    loss_fn = KLDivergenceLoss(temperature=2.0, alpha=0.3)
+    module = LossModule(TokenModel(), loss_fn)
+    _, kwargs, global_count = module._loss_inputs(batch, module(batch))
+    assert global_count == kwargs["global_valid_toks"] == 3  # (0,0), (0,2), (1,1)
+    logits = module.model(batch["features"]).detach()
+    expected = brute_force_distillation(
+        logits.double(), batch["teacher_logits"].double(), batch["target"], batch["mask"], 2.0, 0.3
+    )
+    torch.testing.assert_close(module._step(batch).loss.double(), expected, rtol=1e-5, atol=1e-6)
+    # without targets or a mask every row counts, and the count is still taken (an all-reduce under DDP)
+    unlabelled = {"features": batch["features"], "teacher_logits": batch["teacher_logits"]}
+    _, kwargs, global_count = module._loss_inputs(unlabelled, module(unlabelled))
+    assert global_count == kwargs["global_valid_toks"] == 6
 
 
 def digits_like_batches(num_rows=48, seed=0):

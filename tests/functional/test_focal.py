@@ -4,13 +4,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_losses import LossModule
 from lightning_losses.examples import MLP
 from lightning_losses.functional.focal import focal_elements, focal_loss
 from lightning_losses.losses.focal import FocalLoss
 from lightning_losses.registry import build_loss
+from tests.helpers import TinyLM
 from tests.loss_tester import LossTester
+
+INF = float("inf")
 
 CLASS_ALPHA = [0.5, 2.0, 1.0, 1.5, 0.25]
 LABEL_ALPHA = [0.1, 0.9, 0.5, 0.25, 0.75]
@@ -232,12 +236,16 @@ def test_confident_fp32_keeps_relative_precision(gamma):
     torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=1e-4, atol=0)
 
 
-def test_custom_ignore_index():
-    logits, target = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 2, 1])
-    keep = target != 2
-    torch.testing.assert_close(
-        focal_loss(logits, target, ignore_index=2), focal_loss(logits[keep], target[keep], ignore_index=None)
-    )
+def test_custom_ignore_index_matches_the_brute_force_reference():
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    target, mask = torch.tensor([0, 2, 1, 2, 1, 0]), torch.tensor([1, 1, 1, 1, 0, 1])
+    for options in ({"gamma": 2.0}, {"gamma": 0.5, "alpha": [0.5, 2.0, 1.0]}):
+        expected = brute_force_multiclass_focal(logits, target, mask, ignore_index=2, **options)
+        actual = focal_loss(logits, target, mask, ignore_index=2, **tensor_alpha(options))
+        torch.testing.assert_close(actual, expected)
+    # None skips nothing: 2 is a class like the others (and -100 would be out of range)
+    expected = brute_force_multiclass_focal(logits, target, mask, ignore_index=None)
+    torch.testing.assert_close(focal_loss(logits, target, mask, ignore_index=None), expected)
 
 
 def test_global_count_makes_micro_batches_add_up():
@@ -255,28 +263,149 @@ def test_global_count_makes_micro_batches_add_up():
 def test_float_mask_weighs_elements():
     logits, target = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
     weights = torch.tensor([0.5, 2.0, 0.0, 1.0], dtype=torch.float64)
-    per_element = focal_elements(logits, target, gamma=2.0).loss
-    torch.testing.assert_close(
-        focal_loss(logits, target, weights, gamma=2.0), (weights * per_element).sum() / weights.sum()
-    )
+    expected = brute_force_multiclass_focal(logits, target, weights, gamma=2.0)
+    torch.testing.assert_close(focal_loss(logits, target, weights, gamma=2.0), expected)
 
 
 def test_ignored_and_masked_targets_may_be_out_of_range():
-    logits = torch.randn(3, 4)
-    loss = focal_loss(logits, torch.tensor([1, 99, -100]), torch.tensor([True, False, True]))
-    torch.testing.assert_close(loss, focal_loss(logits[:1], torch.tensor([1])))
-    binary = focal_loss(
-        torch.randn(3), torch.tensor([1.0, 7.0, -100.0]), torch.tensor([1, 0, 1]), mode="binary"
+    logits, target = torch.randn(3, 4, dtype=torch.float64), torch.tensor([1, 99, -100])
+    mask = torch.tensor([True, False, True])
+    torch.testing.assert_close(
+        focal_loss(logits, target, mask), brute_force_multiclass_focal(logits, target, mask)
     )
-    assert torch.isfinite(binary)
+    binary_logits = torch.randn(3, dtype=torch.float64)
+    binary_target, binary_mask = (
+        torch.tensor([1.0, 7.0, -100.0], dtype=torch.float64),
+        torch.tensor([1, 0, 1]),
+    )
+    torch.testing.assert_close(
+        focal_loss(binary_logits, binary_target, binary_mask, mode="binary"),
+        masked_torchvision_mean(binary_logits, binary_target, binary_mask),
+    )
 
 
-def test_integer_and_bool_binary_targets_equal_float_targets():
-    logits = torch.randn(8)
+def test_integer_and_bool_binary_targets_follow_the_torchvision_formula():
+    logits = torch.randn(8, dtype=torch.float64)
     target = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
-    expected = focal_loss(logits, target.float(), mode="binary", alpha=0.25)
-    torch.testing.assert_close(focal_loss(logits, target, mode="binary", alpha=0.25), expected)
-    torch.testing.assert_close(focal_loss(logits, target.bool(), mode="binary", alpha=0.25), expected)
+    expected = torchvision_sigmoid_focal(logits, target.double(), 2.0, 0.25).mean()
+    for hard in (target, target.bool(), target.double()):
+        torch.testing.assert_close(focal_loss(logits, hard, mode="binary", alpha=0.25), expected)
+
+
+def reference_with_infinite_logits(logits, target, mask, gamma):
+    """(loss, gradient) in float64, one valid row at a time: a -inf class has probability 0, so it is
+    dropped (its gradient is 0); a row with one class left has p_t = 1, loss and gradient 0 by hand."""
+    x = logits.detach().double()
+    total, grad, count = 0.0, torch.zeros_like(x), 0
+    for i in range(x.shape[0]):
+        if not mask[i] or target[i] == -100:
+            continue
+        count += 1
+        kept = [c for c in range(x.shape[1]) if x[i, c] > -INF]
+        if len(kept) == 1:
+            continue
+        row = x[i, kept].clone().requires_grad_()
+        p_t = row.softmax(-1)[kept.index(int(target[i]))]
+        loss = -((1 - p_t) ** gamma) * torch.log(p_t)
+        total += loss.item()
+        grad[i, kept] = torch.autograd.grad(loss, row)[0]
+    return torch.tensor(total / count, dtype=torch.float64), grad / count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_minus_inf_logits_give_finite_gradients_also_in_masked_rows(gamma, dtype):
+    """Masked vocabulary entries (-inf): logsumexp over no class at all has a NaN gradient, which a
+    `where` choosing another value hides from the loss but not from the gradient."""
+    logits = torch.tensor(
+        [
+            [2.0, -INF, -INF, -INF],  # valid, every other class -inf: p_t = 1, loss 0
+            [1.0, -INF, 0.5, -INF],  # valid, two classes left
+            [2.0, -INF, -INF, -INF],  # masked out, every other class -inf
+            [-INF, 3.0, 1.0, -INF],  # ignore_index: class 0 (its stand-in target) is -inf
+            [-INF, -INF, -INF, -INF],  # a masked padding row
+            [0.3, -1.0, 2.0, 0.5],
+        ],
+        dtype=dtype,
+        requires_grad=True,
+    )
+    target = torch.tensor([0, 2, 0, -100, 1, 3])
+    mask = torch.tensor([True, True, False, True, False, True])
+    loss = focal_loss(logits, target, mask, gamma=gamma)
+    (grad,) = torch.autograd.grad(loss, logits)
+    expected_loss, expected_grad = reference_with_infinite_logits(logits, target, mask, gamma)
+    assert torch.isfinite(grad).all()
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(loss.double(), expected_loss, **tolerance)
+    torch.testing.assert_close(grad.double(), expected_grad, **tolerance)
+    # the review's repro: F.cross_entropy has a finite gradient there, and so has focal with gamma=0
+    x = torch.tensor([[2.0, -INF], [1.0, 0.0]], requires_grad=True)
+    for ignored in ({"mask": torch.tensor([False, True])}, {"target": torch.tensor([-100, 1])}):
+        arguments = {"logits": x, "target": torch.tensor([0, 1])} | ignored
+        (focal_grad,) = torch.autograd.grad(focal_loss(**arguments, gamma=0.0), x)
+        keep = arguments.get("mask", torch.tensor([True, True]))
+        (ce_grad,) = torch.autograd.grad(F.cross_entropy(x[keep], arguments["target"][keep]), x)
+        torch.testing.assert_close(focal_grad, ce_grad)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("alpha", [None, 0.25])
+def test_infinite_sigmoid_logits_give_finite_gradients_where_the_loss_is_finite(gamma, alpha):
+    """±inf logits on the right side have loss 0 and gradient 0 (0 · log 0 is 0, not NaN); on the wrong
+    side the loss is inf, which must not reach the gradient of a masked or ignored element."""
+    logits = torch.tensor(
+        [INF, -INF, INF, -INF, 3.0, -2.0, -INF, INF], dtype=torch.float64, requires_grad=True
+    )
+    target = torch.tensor([1.0, 0.0, 0.0, -100.0, 1.0, 0.0, 1.0, 0.5], dtype=torch.float64)
+    mask = torch.tensor([True, True, False, True, True, True, False, False])
+    loss = focal_loss(logits, target, mask, mode="binary", gamma=gamma, alpha=alpha)
+    (grad,) = torch.autograd.grad(loss, logits)
+    finite = torch.tensor([4, 5])  # the valid elements with finite logits; 4 valid elements in all
+    x = logits.detach()[finite].requires_grad_()
+    reference = torchvision_sigmoid_focal(x, target[finite], gamma, alpha).sum() / 4
+    expected_grad = torch.zeros_like(grad)
+    expected_grad[finite] = torch.autograd.grad(reference, x)[0]
+    torch.testing.assert_close(loss, reference.detach())
+    torch.testing.assert_close(grad, expected_grad)
+    # a confidently wrong valid element: the loss is inf, as it should be
+    assert focal_loss(torch.tensor([-INF]), torch.tensor([1.0]), mode="binary", gamma=gamma) == INF
+
+
+class _FullSizeTensors(TorchDispatchMode):
+    """Records the (op, dtype, storage) of every op output with at least `numel` elements."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.outputs = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.numel() >= self.numel:
+                self.outputs.append((str(func), tensor.dtype, tensor.untyped_storage().data_ptr()))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_multiclass_builds_no_one_hot_and_one_copy_of_the_logits(dtype):
+    """[B, T, V] logits: no integer or bool tensor of the logits' size, one float copy (which the fp32
+    upcast of bf16 needs anyway), and backward keeps nothing else of that size but the logits."""
+    logits = torch.randn(2, 8, 64).to(dtype).requires_grad_()
+    target = torch.randint(0, 64, (2, 8))
+    target[0, 0] = -100
+    saved = set()
+
+    def pack(tensor):
+        if tensor.numel() >= logits.numel():
+            saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    recorder = _FullSizeTensors(logits.numel())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), recorder:
+        focal_loss(logits, target, gamma=2.0)
+    assert all(dtype.is_floating_point for _, dtype, _ in recorder.outputs), recorder.outputs
+    assert len({storage for _, _, storage in recorder.outputs}) == 1, recorder.outputs
+    assert len(saved - {logits.untyped_storage().data_ptr()}) == 1
 
 
 def test_module_scalar_alpha_is_a_constant_factor_in_multiclass():
@@ -316,6 +445,47 @@ def test_loss_module_binds_logits_and_target_from_a_digits_batch():
     assert set(metrics) == {"loss", "p_t", "accuracy"}
 
 
+def test_loss_module_counts_the_focal_denominator():
+    """global_valid_toks is what the loss divides by: ignore_index targets under a set mask do not count."""
+    torch.manual_seed(0)
+    module = LossModule(
+        TinyLM(),
+        FocalLoss(gamma=2.0),
+        input_map={"logits": "next_token_logits", "target": "labels", "mask": "token_mask"},
+    )
+    batch = {
+        "input_ids": torch.randint(0, 7, (2, 5)),
+        "labels": torch.randint(0, 7, (2, 5)),
+        "token_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]),
+    }
+    batch["labels"][0, 0] = -100  # ignored under the mask
+    batch["labels"][0, 4] = -100  # ignored and masked
+    args, kwargs, global_count = module._loss_inputs(batch, module(batch))
+    logits = module(batch)["next_token_logits"]
+    local_count = focal_elements(logits, batch["labels"], batch["token_mask"]).valid.sum()
+    assert global_count is not None and kwargs["global_valid_toks"].item() == local_count.item() == 3
+    loss = module.loss(*args, **kwargs).loss
+    expected = brute_force_multiclass_focal(logits.detach().double(), batch["labels"], batch["token_mask"])
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)  # fp32 against fp64
+
+    # multilabel: one weight per logit, the shape of `logits`
+    multilabel = LossModule(torch.nn.Linear(3, 4), FocalLoss(mode="multilabel"))
+    target = torch.tensor([[1.0, 0.0, -100.0, 1.0], [0.0, 0.0, 1.0, -100.0], [1.0, 1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]])
+    outputs = {"logits": torch.randn(3, 4)}
+    assert multilabel.loss.valid_tokens({"target": target, "mask": mask}).shape == (3, 4)
+    _, kwargs, _ = multilabel._loss_inputs(
+        {"inputs": torch.ones(3, 3), "target": target, "mask": mask}, outputs
+    )
+    assert kwargs["global_valid_toks"].item() == 6
+    torch.testing.assert_close(
+        multilabel.loss(**kwargs).loss.double(),
+        masked_torchvision_mean(outputs["logits"].double(), target.double(), mask),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
@@ -325,7 +495,7 @@ def test_loss_module_binds_logits_and_target_from_a_digits_batch():
         (
             {"logits": torch.ones(4, 3), "target": torch.zeros(5, dtype=torch.long)},
             ValueError,
-            r"`target` must have shape \(4,\)",
+            r"dimension\(s\) of `logits` and `target` must match, got shapes \(4, 3\) and \(5,\)",
         ),
         ({"logits": torch.ones(4, 3), "target": torch.zeros(4)}, TypeError, "`target` must hold integer"),
         ({"logits": torch.ones(2, 3), "target": torch.tensor([0, 3])}, ValueError, r"`target` must lie in"),

@@ -1,3 +1,4 @@
+import functools
 import math
 from pathlib import Path
 
@@ -13,6 +14,14 @@ from lightning_losses.cli import build_cli
 from lightning_losses.functional.multi_task import effective_task_weights, multi_task_loss
 from lightning_losses.losses.multi_task import MultiTaskLoss
 from lightning_losses.registry import build_loss
+from tests.helpers import (
+    DestroyProcessGroup,
+    RankShardData,
+    RecordGradients,
+    TokenRegressor,
+    concat_shards,
+    quiet_trainer,
+)
 from tests.loss_tester import LossTester
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits_multitask.yaml"
@@ -34,11 +43,13 @@ class MaskedEcho(nn.Module):
         return value
 
 
-def kendall_reference(task_losses, log_variances, mask, uncertainty=True, task_weights=None, regression=None):
+def kendall_reference(
+    task_losses, log_variances, present, uncertainty=True, task_weights=None, regression=None
+):
     """Kendall et al. written with σ² = exp(s): L/σ² + log σ², or L/(2σ²) + log σ for regression."""
     total = 0.0
     for i, loss in enumerate(task_losses.tolist()):
-        if not mask[i]:
+        if not present[i]:
             continue
         weight = 1.0 if task_weights is None else task_weights[i]
         if not uncertainty:
@@ -61,7 +72,7 @@ class TestMultiTaskLoss(LossTester):
         {"task_weights": TASK_WEIGHTS, "regression": REGRESSION},
     ]
     grad_inputs = ("task_losses", "log_variances")
-    mask_input = "mask"
+    mask_input = "present"
     config = "digits_multitask.yaml"
 
     def make_inputs(self, dtype, seed):
@@ -71,7 +82,7 @@ class TestMultiTaskLoss(LossTester):
         return {
             "task_losses": task_losses,
             "log_variances": torch.randn(4, generator=g).to(dtype),
-            "mask": torch.tensor([True, True, False, True]),
+            "present": torch.tensor([True, True, False, True]),
         }
 
     def functional_options(self, options):
@@ -82,8 +93,8 @@ class TestMultiTaskLoss(LossTester):
             converted["regression"] = torch.tensor(options["regression"])
         return converted
 
-    def reference(self, task_losses, log_variances, mask, **options):
-        return kendall_reference(task_losses, log_variances, mask, **options)
+    def reference(self, task_losses, log_variances, present, **options):
+        return kendall_reference(task_losses, log_variances, present, **options)
 
     def build_module(self, options):
         names = [f"task{i}" for i in range(4)]
@@ -105,7 +116,7 @@ class TestMultiTaskLoss(LossTester):
             per_task = {}
             for i in range(4):
                 per_task[f"loss_task{i}"] = inputs["task_losses"][i]
-                per_task[f"mask_task{i}"] = inputs["mask"][i : i + 1]
+                per_task[f"mask_task{i}"] = inputs["present"][i : i + 1]
             output = module(**per_task)
             expected = self.call_functional(inputs, self.functional_options(options))
             torch.testing.assert_close(output.loss, expected, msg=str(options))
@@ -119,13 +130,25 @@ def test_static_weights_match_the_reference_and_skip_absent_tasks():
     inputs = TestMultiTaskLoss().make_inputs(torch.float64, seed=3)
     weights = torch.tensor(TASK_WEIGHTS, dtype=torch.float64)
     losses = inputs["task_losses"].requires_grad_()
-    loss = multi_task_loss(losses, None, inputs["mask"], task_weights=weights)
+    loss = multi_task_loss(losses, None, present=inputs["present"], task_weights=weights)
     expected = kendall_reference(
-        losses.detach(), None, inputs["mask"], uncertainty=False, task_weights=TASK_WEIGHTS
+        losses.detach(), None, inputs["present"], uncertainty=False, task_weights=TASK_WEIGHTS
     )
     torch.testing.assert_close(loss, expected)
     loss.backward()
-    torch.testing.assert_close(losses.grad, weights * inputs["mask"])
+    torch.testing.assert_close(losses.grad, weights * inputs["present"])
+
+
+@pytest.mark.parametrize("uncertainty", [False, True])
+def test_effective_task_weights_are_the_factor_of_each_task_loss(uncertainty):
+    """The logged weights are dL/dL_i of multi_task_loss (one computes with the other), 0 for absent tasks."""
+    inputs = TestMultiTaskLoss().make_inputs(torch.float64, seed=5)
+    weights, regression = torch.tensor(TASK_WEIGHTS, dtype=torch.float64), torch.tensor(REGRESSION)
+    s = inputs["log_variances"] if uncertainty else None
+    losses = inputs["task_losses"].requires_grad_()
+    multi_task_loss(losses, s, inputs["present"], task_weights=weights, regression=regression).backward()
+    expected = effective_task_weights(s, weights, regression) * inputs["present"]
+    torch.testing.assert_close(losses.grad, expected)
 
 
 def echo_tasks(losses, **kwargs):
@@ -219,8 +242,9 @@ def task_id_batch(seed=0, task_ids=(0, 1, 2, 0, 2, 1, 0, 2, 2)):
     }
 
 
-def task_id_loss():
+def task_id_loss(**kwargs):
     """Task 0: cross_entropy (takes a mask); 1: mse (takes a mask); 2: torch.nn.MSELoss (no mask: rows)."""
+    kwargs.setdefault("select_task_rows", True)
     return MultiTaskLoss(
         {
             "digit": "cross_entropy",
@@ -231,6 +255,7 @@ def task_id_loss():
         uncertainty_weighting=True,
         regression_tasks=["ink"],
         input_maps={"ink": {"target": "value"}},
+        **kwargs,
     )
 
 
@@ -285,6 +310,55 @@ def test_task_ids_mode_combines_with_a_user_mask():
     torch.testing.assert_close(metrics["ink_loss"], (batch["preds"][5] - batch["value"][5]) ** 2)
 
 
+def test_task_ids_refuse_a_task_loss_without_mask_unless_rows_are_selected():
+    """Selecting rows is a host sync per step on an accelerator: only on request (`select_task_rows`)."""
+    batch = {k: v.detach().float() if v.is_floating_point() else v for k, v in task_id_batch().items()}
+    with pytest.raises(
+        ValueError, match=r"task loss\(es\) 'plain' \(MSELoss\) take no `mask`.*select_task_rows"
+    ):
+        task_id_loss(select_task_rows=False)(**batch)
+    task_id_loss(select_task_rows=True)(**batch)
+    without_ids = {k: v for k, v in batch.items() if k != "task_ids"}
+    task_id_loss(select_task_rows=False)(**without_ids)  # per-task inputs: no rows to select
+
+
+def test_task_ids_give_token_level_and_multi_output_tasks_a_mask_of_their_target_shape():
+    """Without a `mask` input, a task's samples become a mask of its target's shape ([B, T], [B, D])."""
+    g = torch.Generator().manual_seed(7)
+    batch_size, steps, vocab, outputs = 5, 3, 4, 2
+    target = torch.randint(0, vocab, (batch_size, steps), generator=g)
+    target[1, 2] = target[4, 0] = -100  # ignored tokens
+    batch = {
+        "logits": torch.randn(batch_size, steps, vocab, generator=g, dtype=torch.float64, requires_grad=True),
+        "target": target,
+        "preds": torch.randn(batch_size, outputs, generator=g, dtype=torch.float64, requires_grad=True),
+        "value": torch.randn(batch_size, outputs, generator=g, dtype=torch.float64),
+        "task_ids": torch.tensor([0, 1, 0, 1, 0]),
+    }
+    loss_fn = MultiTaskLoss(
+        {"tokens": "cross_entropy", "vector": "mse"},
+        uncertainty_weighting=True,
+        input_maps={"vector": {"target": "value"}},
+    ).double()
+    loss_fn.log_variances.data = torch.tensor([0.2, -0.4], dtype=torch.float64)
+    loss, metrics = loss_fn(**batch)
+
+    s = loss_fn.log_variances.detach().clone().requires_grad_()
+    rows = [torch.tensor([0, 2, 4]), torch.tensor([1, 3])]
+    token_loss = F.cross_entropy(batch["logits"][rows[0]].reshape(-1, vocab), target[rows[0]].reshape(-1))
+    vector_loss = F.mse_loss(batch["preds"][rows[1]], batch["value"][rows[1]])
+    expected = sum(torch.exp(-s[i]) * task + s[i] for i, task in enumerate((token_loss, vector_loss)))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(metrics["tokens_loss"], token_loss.detach())
+    torch.testing.assert_close(metrics["vector_loss"], vector_loss.detach())
+    grads = torch.autograd.grad(loss, [batch["logits"], batch["preds"], loss_fn.log_variances])
+    expected_grads = torch.autograd.grad(expected, [batch["logits"], batch["preds"], s])
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="the `target` of task 'tokens' must have the batch size 5"):
+        loss_fn(**batch | {"target": target[:2]})
+
+
 def test_no_valid_sample_in_any_task_gives_exactly_zero():
     loss_fn = MultiTaskLoss({"digit": "cross_entropy", "ink": "mse"}, uncertainty_weighting=True)
     logits, preds = torch.randn(5, 3, requires_grad=True), torch.randn(5, requires_grad=True)
@@ -333,6 +407,120 @@ def test_ddp_shares_add_up_to_the_full_batch_loss(monkeypatch):
     )
     torch.testing.assert_close(shares[0].loss + shares[1].loss, full.loss)
     assert "digit_loss" in loss_fn.partial_metrics and "reg_loss" not in loss_fn.partial_metrics
+
+
+def token_rank_shards(seed=0):
+    """One global batch of two ranks: rank 0 holds 3 valid tokens, rank 1 none (all masked)."""
+    g = torch.Generator().manual_seed(seed)
+    shards = []
+    for valid in (torch.tensor([[1, 1, 0], [0, 1, 0]]), torch.zeros(2, 3, dtype=torch.long)):
+        shards.append(
+            {
+                "logits": torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True),
+                "target": torch.randint(0, 4, (2, 3), generator=g),
+                "preds": torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True),
+                "value": torch.randn(2, 3, generator=g, dtype=torch.float64),
+                "mask": valid.bool(),
+            }
+        )
+    return shards
+
+
+def test_ddp_rank_without_valid_tokens_keeps_the_one_process_gradient_of_log_variances(monkeypatch):
+    """Under DDP a counted task's presence is global: a rank with no valid token of it still adds its
+    share s/R of the regulariser, so DDP's average of R × share is the one-process gradient. (Deciding
+    presence per rank dropped that share: the s term weighed n_present/R and the optimum moved to
+    e^s = L·R/n_present.)"""
+    loss_fn = MultiTaskLoss(
+        {"tokens": "cross_entropy", "regress": "mse"},
+        uncertainty_weighting=True,
+        regression_tasks=["regress"],
+        input_maps={"regress": {"target": "value"}},
+    ).double()
+    loss_fn.log_variances.data = torch.tensor([0.4, -0.3], dtype=torch.float64)
+    shards = token_rank_shards()
+    full_inputs = {k: torch.cat([shard[k] for shard in shards]) for k in shards[0]}
+
+    # the one-process loss, by hand: Kendall's terms on the masked means of the global batch
+    s = loss_fn.log_variances.detach().clone().requires_grad_()
+    keep = full_inputs["mask"]
+    ce = F.cross_entropy(full_inputs["logits"][keep], full_inputs["target"][keep])
+    mse = F.mse_loss(full_inputs["preds"][keep], full_inputs["value"][keep])
+    expected = torch.exp(-s[0]) * ce + s[0] + 0.5 * (torch.exp(-s[1]) * mse + s[1])
+    full = loss_fn(**full_inputs).loss
+    torch.testing.assert_close(full, expected)
+    want = torch.autograd.grad(expected, [s, full_inputs["logits"], full_inputs["preds"]])
+
+    monkeypatch.setattr(combined_module, "_world_size", lambda: 2)
+    count = keep.sum()  # 3, all on rank 0
+    shares = [loss_fn(**shard, global_valid_toks=count).loss for shard in shards]
+    torch.testing.assert_close(shares[0] + shares[1], full)
+    # LossModule backpropagates R × share and DDP averages over R ranks: the gradient is the sum of shares
+    grads = [
+        torch.autograd.grad(share, [loss_fn.log_variances, shard["logits"], shard["preds"]])
+        for share, shard in zip(shares, shards, strict=True)
+    ]
+    torch.testing.assert_close(grads[0][0] + grads[1][0], want[0])
+    torch.testing.assert_close(torch.cat([grads[0][1], grads[1][1]]), want[1])
+    torch.testing.assert_close(torch.cat([grads[0][2], grads[1][2]]), want[2])
+
+
+def two_regression_tasks():
+    return MultiTaskLoss(
+        {"first": "mse", "second": "mse"},
+        uncertainty_weighting=True,
+        regression_tasks=["second"],
+        input_maps={"first": {"mask": "token_mask"}, "second": {"mask": "token_mask", "target": "target2"}},
+    )
+
+
+def fit_two_tasks(directory, per_rank, devices):
+    directory.mkdir()
+    torch.manual_seed(0)
+    loss_fn = two_regression_tasks()
+    loss_fn.log_variances.data = torch.tensor([0.4, -0.3])
+    module = LossModule(TokenRegressor(), loss_fn, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    trainer = quiet_trainer(
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        precision="64-true",
+        max_epochs=1,
+        use_distributed_sampler=False,
+        callbacks=[RecordGradients(directory), DestroyProcessGroup()],
+    )
+    trainer.fit(module, datamodule=RankShardData(per_rank))
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_two_processes_with_a_rank_without_valid_tokens_equal_one_process(tmp_path):
+    """Real 2-process gloo DDP through LossModule: rank 1 has no valid token in either step; the
+    gradients (model and log-variances) equal one process's on the global batch."""
+    g = torch.Generator().manual_seed(3)
+    steps = []
+    for _ in range(2):
+        shards = []
+        for valid in (torch.tensor([[1, 1, 0], [0, 1, 0]]), torch.zeros(2, 3, dtype=torch.long)):
+            shards.append(
+                {
+                    "features": torch.randn(2, 3, 3, generator=g, dtype=torch.float64),
+                    "target": torch.randn(2, 3, generator=g, dtype=torch.float64),
+                    "target2": 3 * torch.randn(2, 3, generator=g, dtype=torch.float64),
+                    "token_mask": valid.bool(),
+                }
+            )
+        steps.append(shards)
+    fit_two_tasks(tmp_path / "ddp", [[s[0] for s in steps], [s[1] for s in steps]], devices=2)
+    fit_two_tasks(tmp_path / "single", [[concat_shards(s) for s in steps]], devices=1)
+    for step in range(2):
+        reference = torch.load(tmp_path / "single" / f"grads_rank0_step{step}.pt")
+        assert "loss.log_variances" in reference
+        for rank in range(2):
+            grads = torch.load(tmp_path / "ddp" / f"grads_rank{rank}_step{step}.pt")
+            assert grads.keys() == reference.keys()
+            for name in reference:
+                torch.testing.assert_close(grads[name], reference[name], rtol=1e-12, atol=1e-12, msg=name)
 
 
 # -- inputs and errors ----------------------------------------------------------------------------------

@@ -325,3 +325,16 @@ def test_bad_inputs_name_them():
     unreduced = CombinedLoss([{"class_path": "torch.nn.MSELoss", "init_args": {"reduction": "none"}}])
     with pytest.raises(ValueError, match=r"the loss 'mse' \(MSELoss\) returned a loss of shape \(2,\)"):
         unreduced(input=torch.ones(2), target=torch.zeros(2))
+
+
+def test_loss_module_counts_what_the_components_average_over():
+    """ignore_index targets under a set mask: the shared count is the components' own denominator."""
+    logits = torch.randn(2, 3, 4)
+    target = torch.tensor([[0, -100, 2], [1, 3, -100]])
+    batch = {"inputs": torch.zeros(2), "target": target, "mask": torch.ones(2, 3, dtype=torch.bool)}
+    module = LossModule(torch.nn.Identity(), CombinedLoss(["cross_entropy", "focal"]))
+    _, kwargs, count = module._loss_inputs(batch, {"logits": logits})
+    assert count.item() == 4
+    _, metrics = module.loss(**kwargs)
+    keep = target != -100
+    torch.testing.assert_close(metrics["cross_entropy_loss"], F.cross_entropy(logits[keep], target[keep]))
