@@ -50,7 +50,7 @@ from torchmetrics import Metric, MetricCollection
 
 from lightning_losses.binding import Binding
 from lightning_losses.metrics import MetricAggregator
-from lightning_losses.protocol import split_output
+from lightning_losses.protocol import LossType, split_output
 
 try:  # set by LightningCLI while it instantiates the module: the config (class paths) to save
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -276,7 +276,12 @@ class LossModule(pl.LightningModule):
             toks, seqs = self.global_valid_counts(batch, token_weights, "global_valid_toks" in wanted)
             counts = {"global_valid_toks": toks, "global_valid_seqs": seqs}
             kwargs |= {name: counts[name] for name in wanted}
-            return args, kwargs, toks if "global_valid_toks" in wanted else seqs
+            # the count the loss divides by: sequences for a SEQUENCE_LEVEL loss given both
+            sequence_level = getattr(self.loss, "loss_type", None) == LossType.SEQUENCE_LEVEL
+            by_tokens = "global_valid_toks" in wanted and not (
+                sequence_level and "global_valid_seqs" in wanted
+            )
+            return args, kwargs, toks if by_tokens else seqs
         return args, kwargs, None
 
     # ------------------------------------------------------------------------------------------------

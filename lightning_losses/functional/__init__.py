@@ -10,9 +10,15 @@ from lightning_losses.functional.distillation import DistillationTerms, distilla
 from lightning_losses.functional.focal import focal_loss
 from lightning_losses.functional.multi_task import effective_task_weights, multi_task_loss
 from lightning_losses.functional.regression import mse
+from lightning_losses.functional.sequence_policy import (
+    SequencePolicyTerms,
+    sequence_log_probs,
+    sequence_policy_loss,
+)
 
 __all__ = [
     "DistillationTerms",
+    "SequencePolicyTerms",
     "contrastive_loss",
     "cross_entropy",
     "distillation_loss",
@@ -22,5 +28,7 @@ __all__ = [
     "kl_divergence",
     "mse",
     "multi_task_loss",
+    "sequence_log_probs",
+    "sequence_policy_loss",
     "supervised_contrastive_loss",
 ]

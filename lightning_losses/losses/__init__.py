@@ -1,18 +1,14 @@
 """The loss modules: thin shells over :mod:`lightning_losses.functional`, each registered by a short name.
 
-========================  ==================  ===========================================
-class                     registry name       paper
-========================  ==================  ===========================================
-``CrossEntropyLoss``      ``cross_entropy``
-``MSELoss``               ``mse``
-``FocalLoss``             ``focal``           Lin et al. 2017
-``ContrastiveLoss``       ``contrastive``     Hadsell, Chopra & LeCun 2006
-``InfoNCELoss``           ``infonce``         van den Oord et al. 2018; Chen et al. 2020
-``SupConLoss``            ``supcon``          Khosla et al. 2020
-``KLDivergenceLoss``      ``kl_divergence``   Hinton, Vinyals & Dean 2015
-``MultiTaskLoss``         ``multi_task``      Kendall, Gal & Cipolla 2018
-``CombinedLoss``          ``combined``        (the guide's weighted sum)
-========================  ==================  ===========================================
+- ``CrossEntropyLoss`` (``cross_entropy``), ``MSELoss`` (``mse``)
+- ``FocalLoss`` (``focal``): Lin et al. 2017
+- ``ContrastiveLoss`` (``contrastive``): Hadsell, Chopra & LeCun 2006
+- ``InfoNCELoss`` (``infonce``): van den Oord et al. 2018; Chen et al. 2020
+- ``SupConLoss`` (``supcon``): Khosla et al. 2020
+- ``KLDivergenceLoss`` (``kl_divergence``): Hinton, Vinyals & Dean 2015
+- ``MultiTaskLoss`` (``multi_task``): Kendall, Gal & Cipolla 2018
+- ``CombinedLoss`` (``combined``): the guide's weighted sum
+- ``CustomSequenceLoss`` (``custom_sequence``): REINFORCE (Williams 1992) with NeMo RL's normalization
 """
 
 from lightning_losses.losses.combined import CombinedLoss
@@ -22,11 +18,13 @@ from lightning_losses.losses.distillation import KLDivergenceLoss
 from lightning_losses.losses.focal import FocalLoss
 from lightning_losses.losses.multi_task import MultiTaskLoss
 from lightning_losses.losses.regression import MSELoss
+from lightning_losses.losses.sequence_policy import CustomSequenceLoss
 
 __all__ = [
     "CombinedLoss",
     "ContrastiveLoss",
     "CrossEntropyLoss",
+    "CustomSequenceLoss",
     "FocalLoss",
     "InfoNCELoss",
     "KLDivergenceLoss",
