@@ -1,6 +1,7 @@
-"""Training aids: gradient-norm logging and smoothed metrics (logging only, the loss is untouched)."""
+"""Training aids (gradient-norm logging, smoothed metrics: logging only) and adversarial evaluation."""
 
+from lightning_losses.callbacks.adversarial import AdversarialEvaluation
 from lightning_losses.callbacks.gradient_norm import GradientNormLogger, gradient_norms
 from lightning_losses.callbacks.metric_ema import MetricEMA
 
-__all__ = ["GradientNormLogger", "MetricEMA", "gradient_norms"]
+__all__ = ["AdversarialEvaluation", "GradientNormLogger", "MetricEMA", "gradient_norms"]

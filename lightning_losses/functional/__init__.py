@@ -1,5 +1,6 @@
 """Pure tensor math of every loss: no state, no Lightning."""
 
+from lightning_losses.functional.adversarial import AdversarialTerms, adversarial_loss, pgd_attack
 from lightning_losses.functional.contrastive import (
     contrastive_loss,
     info_nce_loss,
@@ -17,8 +18,10 @@ from lightning_losses.functional.sequence_policy import (
 )
 
 __all__ = [
+    "AdversarialTerms",
     "DistillationTerms",
     "SequencePolicyTerms",
+    "adversarial_loss",
     "contrastive_loss",
     "cross_entropy",
     "distillation_loss",
@@ -28,6 +31,7 @@ __all__ = [
     "kl_divergence",
     "mse",
     "multi_task_loss",
+    "pgd_attack",
     "sequence_log_probs",
     "sequence_policy_loss",
     "supervised_contrastive_loss",

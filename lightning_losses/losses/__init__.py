@@ -8,9 +8,11 @@
 - ``KLDivergenceLoss`` (``kl_divergence``): Hinton, Vinyals & Dean 2015
 - ``MultiTaskLoss`` (``multi_task``): Kendall, Gal & Cipolla 2018
 - ``CombinedLoss`` (``combined``): the guide's weighted sum
+- ``AdversarialLoss`` (``adversarial``): FGSM (Goodfellow et al. 2015), PGD (Madry et al. 2018)
 - ``CustomSequenceLoss`` (``custom_sequence``): REINFORCE (Williams 1992) with NeMo RL's normalization
 """
 
+from lightning_losses.losses.adversarial import AdversarialLoss
 from lightning_losses.losses.combined import CombinedLoss
 from lightning_losses.losses.contrastive import ContrastiveLoss, InfoNCELoss, SupConLoss
 from lightning_losses.losses.cross_entropy import CrossEntropyLoss
@@ -21,6 +23,7 @@ from lightning_losses.losses.regression import MSELoss
 from lightning_losses.losses.sequence_policy import CustomSequenceLoss
 
 __all__ = [
+    "AdversarialLoss",
     "CombinedLoss",
     "ContrastiveLoss",
     "CrossEntropyLoss",
