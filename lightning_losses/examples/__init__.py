@@ -1,5 +1,6 @@
 """Data modules, models and metrics for the example configs (real data that ships inside packages)."""
 
+from lightning_losses.examples.cartpole import ActorCritic, CartPoleDataModule, CartPoleEvaluation
 from lightning_losses.examples.digits import DictDataset, DigitsDataModule
 from lightning_losses.examples.imbalanced import ImbalancedDigitsDataModule
 from lightning_losses.examples.knn import KNNAccuracy
@@ -8,6 +9,9 @@ from lightning_losses.examples.multitask import DigitsMultiTaskDataModule, TwoHe
 
 __all__ = [
     "MLP",
+    "ActorCritic",
+    "CartPoleDataModule",
+    "CartPoleEvaluation",
     "DictDataset",
     "DigitsDataModule",
     "DigitsMultiTaskDataModule",

@@ -11,6 +11,14 @@ from lightning_losses.functional.distillation import DistillationTerms, distilla
 from lightning_losses.functional.focal import focal_loss
 from lightning_losses.functional.multi_task import effective_task_weights, multi_task_loss
 from lightning_losses.functional.regression import mse
+from lightning_losses.functional.reward_shaping import (
+    RewardShapingTerms,
+    discounted_returns,
+    generalized_advantage_estimate,
+    potential_shaping_reward,
+    reward_shaping_loss,
+    reward_shaping_terms,
+)
 from lightning_losses.functional.sequence_policy import (
     SequencePolicyTerms,
     sequence_log_probs,
@@ -20,18 +28,24 @@ from lightning_losses.functional.sequence_policy import (
 __all__ = [
     "AdversarialTerms",
     "DistillationTerms",
+    "RewardShapingTerms",
     "SequencePolicyTerms",
     "adversarial_loss",
     "contrastive_loss",
     "cross_entropy",
+    "discounted_returns",
     "distillation_loss",
     "effective_task_weights",
     "focal_loss",
+    "generalized_advantage_estimate",
     "info_nce_loss",
     "kl_divergence",
     "mse",
     "multi_task_loss",
     "pgd_attack",
+    "potential_shaping_reward",
+    "reward_shaping_loss",
+    "reward_shaping_terms",
     "sequence_log_probs",
     "sequence_policy_loss",
     "supervised_contrastive_loss",

@@ -9,6 +9,7 @@
 - ``MultiTaskLoss`` (``multi_task``): Kendall, Gal & Cipolla 2018
 - ``CombinedLoss`` (``combined``): the guide's weighted sum
 - ``AdversarialLoss`` (``adversarial``): FGSM (Goodfellow et al. 2015), PGD (Madry et al. 2018)
+- ``RewardShapingLoss`` (``reward_shaping``): actor-critic with shaping (Ng, Harada & Russell 1999)
 - ``CustomSequenceLoss`` (``custom_sequence``): REINFORCE (Williams 1992) with NeMo RL's normalization
 """
 
@@ -20,6 +21,7 @@ from lightning_losses.losses.distillation import KLDivergenceLoss
 from lightning_losses.losses.focal import FocalLoss
 from lightning_losses.losses.multi_task import MultiTaskLoss
 from lightning_losses.losses.regression import MSELoss
+from lightning_losses.losses.reward_shaping import RewardShapingLoss
 from lightning_losses.losses.sequence_policy import CustomSequenceLoss
 
 __all__ = [
@@ -33,5 +35,6 @@ __all__ = [
     "KLDivergenceLoss",
     "MSELoss",
     "MultiTaskLoss",
+    "RewardShapingLoss",
     "SupConLoss",
 ]
