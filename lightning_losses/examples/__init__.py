@@ -2,6 +2,7 @@
 
 from lightning_losses.examples.cartpole import ActorCritic, CartPoleDataModule, CartPoleEvaluation
 from lightning_losses.examples.digits import DictDataset, DigitsDataModule
+from lightning_losses.examples.digits_bandit import DigitsBanditDataModule, PolicyMLP
 from lightning_losses.examples.imbalanced import ImbalancedDigitsDataModule
 from lightning_losses.examples.knn import KNNAccuracy
 from lightning_losses.examples.models import MLP
@@ -13,10 +14,12 @@ __all__ = [
     "CartPoleDataModule",
     "CartPoleEvaluation",
     "DictDataset",
+    "DigitsBanditDataModule",
     "DigitsDataModule",
     "DigitsMultiTaskDataModule",
     "ImbalancedDigitsDataModule",
     "KNNAccuracy",
+    "PolicyMLP",
     "TwoHeadMLP",
     "image_statistic",
 ]
