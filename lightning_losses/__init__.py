@@ -7,6 +7,7 @@ with any loss and logs the metrics; ``lightning-losses fit --config ...`` drives
 from lightning_losses.metrics import MetricAggregator
 from lightning_losses.module import LossModule
 from lightning_losses.protocol import LossFunction, LossOutput, LossType, set_value_checks
+from lightning_losses.registry import available_losses, build_loss, register_loss
 
 __all__ = [
     "LossFunction",
@@ -14,6 +15,9 @@ __all__ = [
     "LossOutput",
     "LossType",
     "MetricAggregator",
+    "available_losses",
+    "build_loss",
+    "register_loss",
     "set_value_checks",
 ]
 __version__ = "0.1.0"
