@@ -10,6 +10,9 @@ from lightning_losses.functional.cross_entropy import cross_entropy
 from lightning_losses.functional.distillation import DistillationTerms, distillation_loss, kl_divergence
 from lightning_losses.functional.focal import focal_loss
 from lightning_losses.functional.multi_task import effective_task_weights, multi_task_loss
+from lightning_losses.functional.nll import nll_loss, token_log_probs
+from lightning_losses.functional.policy_gradient import ClippedPGTerms, clipped_pg_loss, kl_penalty
+from lightning_losses.functional.preference import DPOTerms, dpo_loss
 from lightning_losses.functional.regression import mse
 from lightning_losses.functional.reward_shaping import (
     RewardShapingTerms,
@@ -27,21 +30,27 @@ from lightning_losses.functional.sequence_policy import (
 
 __all__ = [
     "AdversarialTerms",
+    "ClippedPGTerms",
+    "DPOTerms",
     "DistillationTerms",
     "RewardShapingTerms",
     "SequencePolicyTerms",
     "adversarial_loss",
+    "clipped_pg_loss",
     "contrastive_loss",
     "cross_entropy",
     "discounted_returns",
     "distillation_loss",
+    "dpo_loss",
     "effective_task_weights",
     "focal_loss",
     "generalized_advantage_estimate",
     "info_nce_loss",
     "kl_divergence",
+    "kl_penalty",
     "mse",
     "multi_task_loss",
+    "nll_loss",
     "pgd_attack",
     "potential_shaping_reward",
     "reward_shaping_loss",
@@ -49,4 +58,5 @@ __all__ = [
     "sequence_log_probs",
     "sequence_policy_loss",
     "supervised_contrastive_loss",
+    "token_log_probs",
 ]

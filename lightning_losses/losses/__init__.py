@@ -10,6 +10,9 @@
 - ``CombinedLoss`` (``combined``): the guide's weighted sum
 - ``AdversarialLoss`` (``adversarial``): FGSM (Goodfellow et al. 2015), PGD (Madry et al. 2018)
 - ``RewardShapingLoss`` (``reward_shaping``): actor-critic with shaping (Ng, Harada & Russell 1999)
+- ``NLLLoss`` (``nll``): SFT, token-level negative log-likelihood
+- ``ClippedPGLoss`` (``clipped_pg``): PPO (Schulman et al. 2017) / GRPO clipped policy gradient
+- ``DPOLoss`` (``dpo``): Rafailov et al. 2023
 - ``CustomSequenceLoss`` (``custom_sequence``): REINFORCE (Williams 1992) with NeMo RL's normalization
 """
 
@@ -20,21 +23,27 @@ from lightning_losses.losses.cross_entropy import CrossEntropyLoss
 from lightning_losses.losses.distillation import KLDivergenceLoss
 from lightning_losses.losses.focal import FocalLoss
 from lightning_losses.losses.multi_task import MultiTaskLoss
+from lightning_losses.losses.nll import NLLLoss
+from lightning_losses.losses.policy_gradient import ClippedPGLoss
+from lightning_losses.losses.preference import DPOLoss
 from lightning_losses.losses.regression import MSELoss
 from lightning_losses.losses.reward_shaping import RewardShapingLoss
 from lightning_losses.losses.sequence_policy import CustomSequenceLoss
 
 __all__ = [
     "AdversarialLoss",
+    "ClippedPGLoss",
     "CombinedLoss",
     "ContrastiveLoss",
     "CrossEntropyLoss",
     "CustomSequenceLoss",
+    "DPOLoss",
     "FocalLoss",
     "InfoNCELoss",
     "KLDivergenceLoss",
     "MSELoss",
     "MultiTaskLoss",
+    "NLLLoss",
     "RewardShapingLoss",
     "SupConLoss",
 ]

@@ -1,0 +1,114 @@
+"""Negative log-likelihood of the taken tokens (supervised fine-tuning), NeMo RL's token-level SFT loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_losses.functional.sequence_policy import _aligned
+from lightning_losses.protocol import (
+    check_class_targets,
+    check_floating,
+    check_mask,
+    check_ndim,
+    compute_dtype,
+)
+from lightning_losses.reduction import divide_by_count
+
+__all__ = ["nll_loss", "token_log_probs"]
+
+
+def _check_logits_and_ids(next_token_logits: Tensor, input_ids: Tensor, token_mask: Tensor | None) -> None:
+    check_floating("next_token_logits", next_token_logits)
+    check_ndim("next_token_logits", next_token_logits, 3)
+    if tuple(input_ids.shape) != tuple(next_token_logits.shape[:2]):
+        raise ValueError(
+            f"`input_ids` must have shape {tuple(next_token_logits.shape[:2])} (that of `next_token_logits` "
+            f"without its vocabulary dimension), got {tuple(input_ids.shape)} with `next_token_logits` of "
+            f"shape {tuple(next_token_logits.shape)}"
+        )
+    if token_mask is not None:
+        check_mask("token_mask", token_mask, input_ids.shape)
+
+
+def token_log_probs(
+    next_token_logits: Tensor,
+    input_ids: Tensor,
+    token_mask: Tensor | None = None,
+    *,
+    shift: bool = True,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Per-token :math:`\log\pi(y_t) = z_{y_t} - \operatorname{logsumexp}(z)` and the weights of the tokens.
+
+    With ``shift=True`` (NeMo RL's convention) logits ``[:, :-1]`` score ``input_ids[:, 1:]`` under
+    ``token_mask[:, 1:]``; with ``shift=False`` the logits at ``t`` score ``input_ids[:, t]``. Masked tokens
+    may hold any id (e.g. ``-100``) and give exactly 0.
+
+    Args:
+        next_token_logits: ``[B, T, V]``.
+        input_ids: ``[B, T]`` integer token ids.
+        token_mask: optional ``[B, T]``, bool or float weights.
+        shift: whether logits score the next token.
+        dtype: compute dtype (default: float32, float64 for float64 logits).
+
+    Returns:
+        ``(log_probs, weights)``, both ``[B, T - 1]`` with ``shift`` (else ``[B, T]``), in ``dtype``;
+        ``log_probs`` is 0 where the weight is 0.
+
+    >>> logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75]]]))
+    >>> token_log_probs(logits, torch.tensor([[0, 1]]), shift=False)[0]
+    tensor([[-0.6931, -0.2877]])
+    """
+    _check_logits_and_ids(next_token_logits, input_ids, token_mask)
+    dtype = compute_dtype(next_token_logits) if dtype is None else dtype
+    logits, tokens, mask = _aligned(next_token_logits, input_ids, token_mask, shift)
+    check_class_targets("input_ids", tokens, logits.shape[-1], mask=mask)
+    weights = torch.ones(tokens.shape, dtype=dtype, device=logits.device) if mask is None else mask.to(dtype)
+    valid = weights != 0
+    safe_tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
+    logits = logits.to(dtype)
+    taken = logits.gather(-1, safe_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.where(valid, taken, torch.zeros_like(taken)), weights
+
+
+def nll_loss(
+    next_token_logits: Tensor,
+    input_ids: Tensor,
+    token_mask: Tensor | None = None,
+    global_valid_toks: Tensor | None = None,
+    *,
+    shift: bool = True,
+) -> Tensor:
+    r"""Token-level negative log-likelihood of the taken tokens (SFT).
+
+    .. math::
+        L = -\frac{1}{N}\sum_{i,t} m_{it}\,\log\pi(y_{it}), \qquad
+        \log\pi(y) = z_y - \operatorname{logsumexp}(z)
+
+    with :math:`m` the ``token_mask`` (aligned with the scored tokens, see :func:`token_log_probs`) and
+    :math:`N` ``global_valid_toks`` (TOKEN_LEVEL: the valid tokens of the global batch, so the losses of
+    micro-batches and DDP ranks add up to the global batch's mean) or, without it, :math:`\sum m` of this
+    batch. Maximum likelihood / teacher forcing; NeMo RL's ``NLLLoss``. Computed in float32 (float64 for
+    float64 logits). No valid token gives exactly 0 with a zero gradient.
+
+    Args:
+        next_token_logits: ``[B, T, V]``, any floating dtype.
+        input_ids: ``[B, T]`` token ids (masked positions may hold any id, e.g. ``-100``).
+        token_mask: optional ``[B, T]`` tokens to train on (e.g. the response, not the prompt).
+        global_valid_toks: optional 0-dim count of valid scored tokens of the global batch.
+        shift: ``next_token_logits[:, t]`` scores ``input_ids[:, t + 1]`` (default) or ``input_ids[:, t]``.
+
+    Returns:
+        A 0-dim tensor.
+
+    >>> logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75]]]))
+    >>> nll_loss(logits, torch.tensor([[0, 1]]), shift=False)  # -(log 0.5 + log 0.75) / 2
+    tensor(0.4904)
+    >>> nll_loss(logits, torch.tensor([[0, 1]]), global_valid_toks=torch.tensor(4), shift=False)
+    tensor(0.2452)
+    """
+    log_probs, weights = token_log_probs(next_token_logits, input_ids, token_mask, shift=shift)
+    total = -(log_probs * weights).sum()
+    count = weights.sum() if global_valid_toks is None else global_valid_toks
+    return divide_by_count(total, count)
