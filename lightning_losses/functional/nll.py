@@ -5,30 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_losses.functional.sequence_policy import _aligned
+from lightning_losses.functional.sequence_policy import _aligned, check_token_inputs
 from lightning_losses.protocol import (
     check_class_targets,
-    check_floating,
-    check_mask,
-    check_ndim,
     compute_dtype,
 )
 from lightning_losses.reduction import divide_by_count
 
 __all__ = ["nll_loss", "token_log_probs"]
-
-
-def _check_logits_and_ids(next_token_logits: Tensor, input_ids: Tensor, token_mask: Tensor | None) -> None:
-    check_floating("next_token_logits", next_token_logits)
-    check_ndim("next_token_logits", next_token_logits, 3)
-    if tuple(input_ids.shape) != tuple(next_token_logits.shape[:2]):
-        raise ValueError(
-            f"`input_ids` must have shape {tuple(next_token_logits.shape[:2])} (that of `next_token_logits` "
-            f"without its vocabulary dimension), got {tuple(input_ids.shape)} with `next_token_logits` of "
-            f"shape {tuple(next_token_logits.shape)}"
-        )
-    if token_mask is not None:
-        check_mask("token_mask", token_mask, input_ids.shape)
 
 
 def token_log_probs(
@@ -60,7 +44,7 @@ def token_log_probs(
     >>> token_log_probs(logits, torch.tensor([[0, 1]]), shift=False)[0]
     tensor([[-0.6931, -0.2877]])
     """
-    _check_logits_and_ids(next_token_logits, input_ids, token_mask)
+    check_token_inputs(next_token_logits, input_ids, token_mask)
     dtype = compute_dtype(next_token_logits) if dtype is None else dtype
     logits, tokens, mask = _aligned(next_token_logits, input_ids, token_mask, shift)
     check_class_targets("input_ids", tokens, logits.shape[-1], mask=mask)

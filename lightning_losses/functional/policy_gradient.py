@@ -8,11 +8,10 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_losses.functional.sequence_policy import check_token_inputs
 from lightning_losses.protocol import (
     check_class_targets,
     check_floating,
-    check_mask,
-    check_ndim,
     check_positive,
     compute_dtype,
 )
@@ -113,15 +112,7 @@ def _check_inputs(
     token_mask: Tensor | None,
     sample_mask: Tensor | None,
 ) -> None:
-    check_floating("next_token_logits", next_token_logits)
-    check_ndim("next_token_logits", next_token_logits, 3)
-    batch, steps = next_token_logits.shape[:2]
-    if tuple(input_ids.shape) != (batch, steps):
-        raise ValueError(
-            f"`input_ids` must have shape {(batch, steps)} (that of `next_token_logits` without its "
-            f"vocabulary dimension), got {tuple(input_ids.shape)} with `next_token_logits` of shape "
-            f"{tuple(next_token_logits.shape)}"
-        )
+    batch, steps = check_token_inputs(next_token_logits, input_ids, token_mask, sample_mask)
     check_floating("advantages", advantages)
     if tuple(advantages.shape) not in ((batch,), (batch, steps)):
         raise ValueError(
@@ -137,10 +128,6 @@ def _check_inputs(
                 f"`{name}` must have shape {(batch, steps)} (one per token of `input_ids`), "
                 f"got {tuple(tensor.shape)}"
             )
-    if token_mask is not None:
-        check_mask("token_mask", token_mask, (batch, steps))
-    if sample_mask is not None:
-        check_mask("sample_mask", sample_mask, (batch,))
 
 
 def clipped_pg_loss(

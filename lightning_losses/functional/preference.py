@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses.functional.nll import _check_logits_and_ids, token_log_probs
+from lightning_losses.functional.nll import token_log_probs
+from lightning_losses.functional.sequence_policy import check_token_inputs
 from lightning_losses.protocol import (
     check_floating,
     check_mask,
@@ -44,7 +45,7 @@ def _check_inputs(
     token_mask: Tensor | None,
     sample_mask: Tensor | None,
 ) -> None:
-    _check_logits_and_ids(next_token_logits, input_ids, token_mask)
+    check_token_inputs(next_token_logits, input_ids, token_mask)
     batch = next_token_logits.shape[0]
     if batch % 2 != 0:
         raise ValueError(

@@ -46,15 +46,18 @@ def _aligned(
     return next_token_logits[:, :-1], input_ids[:, 1:], mask
 
 
-def _check_inputs(
+def check_token_inputs(
     next_token_logits: Tensor,
     input_ids: Tensor,
-    advantages: Tensor,
-    token_mask: Tensor | None,
-    sample_mask: Tensor | None,
-    rewards: Tensor | None,
-    values: Tensor | None,
-) -> None:
+    token_mask: Tensor | None = None,
+    sample_mask: Tensor | None = None,
+) -> tuple[int, int]:
+    """The checks every next-token loss shares: logits ``[B, T, V]``, ids ``[B, T]``, masks ``[B, T]`` /
+    ``[B]``; returns ``(B, T)``.
+
+    >>> check_token_inputs(torch.zeros(2, 3, 5), torch.zeros(2, 3, dtype=torch.long))
+    (2, 3)
+    """
     check_floating("next_token_logits", next_token_logits)
     check_ndim("next_token_logits", next_token_logits, 3)
     batch, steps = next_token_logits.shape[:2]
@@ -68,6 +71,19 @@ def _check_inputs(
         check_mask("token_mask", token_mask, (batch, steps))
     if sample_mask is not None:
         check_mask("sample_mask", sample_mask, (batch,))
+    return batch, steps
+
+
+def _check_inputs(
+    next_token_logits: Tensor,
+    input_ids: Tensor,
+    advantages: Tensor,
+    token_mask: Tensor | None,
+    sample_mask: Tensor | None,
+    rewards: Tensor | None,
+    values: Tensor | None,
+) -> None:
+    batch, _ = check_token_inputs(next_token_logits, input_ids, token_mask, sample_mask)
     for name, tensor in (("advantages", advantages), ("rewards", rewards), ("values", values)):
         if tensor is None:
             continue
