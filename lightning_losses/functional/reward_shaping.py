@@ -226,7 +226,7 @@ def reward_shaping_terms(
     count = (
         global_valid_seqs
         if global_valid_seqs is not None
-        else (torch.tensor(float(actions.numel())) if mask is None else mask.to(dtype).sum())
+        else (actions.numel() if mask is None else mask.to(dtype).sum())
     )
     safe_actions = actions if mask is None else torch.where(mask != 0, actions, torch.zeros_like(actions))
     taken = log_probs.gather(-1, safe_actions.long().unsqueeze(-1)).squeeze(-1)
