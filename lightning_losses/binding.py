@@ -72,11 +72,13 @@ class Binding:
         sources: list[Mapping[str, Any]],
         special: Mapping[str, Any] | None = None,
         source_names: tuple[str, ...] = ("model outputs", "batch"),
+        missing_ok: bool = False,
     ) -> tuple[list[Any], dict[str, Any]]:
         """Positional-only values and keyword values for a call, looked up by name.
 
         ``special`` maps parameter names to values that take precedence over the sources (``data``,
-        ``model``, global counts), unless the rename map names the parameter.
+        ``model``, global counts), unless the rename map names the parameter. ``missing_ok``: leave out
+        required parameters that are not found instead of raising (to inspect what is available).
         """
         special = special or {}
         args: list[Any] = []
@@ -91,7 +93,7 @@ class Binding:
                         value = source[key]
                         break
                 else:
-                    if param.default is not inspect.Parameter.empty:
+                    if missing_ok or param.default is not inspect.Parameter.empty:
                         continue
                     raise self.missing_error(param.name, sources, source_names, special)
             if param.kind is inspect.Parameter.POSITIONAL_ONLY:

@@ -27,6 +27,30 @@ of ``loss.partial_metrics``) are scaled the same way, so their epoch means, sync
 single-process run's. Losses given no global count (``torch.nn.CrossEntropyLoss``) are means over
 their own rank's batch, as usual.
 
+Micro-batches (``micro_batch_size``)
+------------------------------------
+With ``micro_batch_size=m`` each loaded batch is this rank's share of one optimizer step. The global
+counts are taken once for the whole loaded batch (one all-reduce over ranks), the batch is cut into
+micro-batches of ``m`` rows (every tensor whose first dimension is the batch size; other values are
+passed whole), each micro-batch's loss, a partial sum over that count, is backpropagated at once (so
+only one micro-batch's activations are alive), DDP gradient synchronization waits for the last
+micro-batch, and one optimizer step follows. The accumulated gradient is exactly the gradient of the
+loaded batch's loss (for a loss given no count, a local mean, each micro-batch is weighed by its
+share of the rows). This uses Lightning's manual optimization, which refuses the Trainer's
+``gradient_clip_val`` and ``accumulate_grad_batches``: clip with this module's ``gradient_clip_val`` /
+``gradient_clip_algorithm`` instead (applied in ``on_before_optimizer_step``, after a ``16-mixed``
+gradient scaler has unscaled the gradients, so the threshold is in true gradient units);
+``precision="bf16-mixed"`` / ``"16-mixed"`` work as usual (``manual_backward`` scales the loss,
+the optimizer step unscales and skips steps with inf gradients). LR schedulers are stepped here as
+Lightning would (per step or per epoch, ``ReduceLROnPlateau`` with ``lr_scheduler_monitor``).
+
+How it differs from ``Trainer(accumulate_grad_batches=k)``: there each of the ``k`` loaded batches is
+a separate step with its *own* global counts, so a token-level loss averages each batch over its own
+tokens and the ``k`` means are added: batches with few valid tokens weigh as much as batches with
+many. Here the counts cover the whole loaded batch, so every valid token weighs the same, as in one
+big batch. Use ``micro_batch_size`` to fit a large global batch in memory with exact normalization;
+``accumulate_grad_batches`` when per-batch means are what you want.
+
 Non-finite losses (``nan_policy``)
 ----------------------------------
 The finite check reads one flag per step (summed over ranks first, so every rank decides alike).
@@ -50,7 +74,7 @@ from torchmetrics import Metric, MetricCollection
 
 from lightning_losses.binding import Binding
 from lightning_losses.metrics import MetricAggregator
-from lightning_losses.protocol import LossType, split_output
+from lightning_losses.protocol import LossType, micro_batch_share, split_output
 
 try:  # set by LightningCLI while it instantiates the module: the config (class paths) to save
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -84,6 +108,12 @@ class LossModule(pl.LightningModule):
         nan_policy: what a non-finite training loss does: ``"raise"``, ``"skip"`` or ``"warn"``.
         lr_scheduler_interval / lr_scheduler_monitor: how Lightning steps the scheduler.
         upcast_inputs: cast fp16/bf16 floating loss inputs to float32.
+        micro_batch_size: split each loaded training batch into micro-batches of this many rows and take
+            one optimizer step per loaded batch, with the counts of the whole batch (see the module
+            docstring). ``None``: one forward/backward per loaded batch.
+        gradient_clip_val / gradient_clip_algorithm: clip gradients before each optimizer step (by
+            ``"norm"`` or ``"value"``), after AMP unscaling. Required instead of the Trainer's
+            options with ``micro_batch_size``; usable without it too (not both at once).
 
     Metrics are logged as ``train/<key>`` (each step, this rank's value, no sync),
     ``train/<key>_epoch``, ``val/<key>`` and ``test/<key>`` (epoch means synced over ranks).
@@ -119,6 +149,9 @@ class LossModule(pl.LightningModule):
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         lr_scheduler_monitor: str = "val/loss",
         upcast_inputs: bool = True,
+        micro_batch_size: int | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
     ) -> None:
         super().__init__()
         if _given_hyperparameters is not None and _given_hyperparameters.get() is not None:
@@ -133,6 +166,14 @@ class LossModule(pl.LightningModule):
             raise ValueError(f"`nan_policy` must be 'raise', 'skip' or 'warn', got {nan_policy!r}")
         if len(batch_keys) == 0:
             raise ValueError("`batch_keys` must name at least one element")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"`micro_batch_size` must be a positive integer or None, got {micro_batch_size}")
+        if gradient_clip_val is not None and gradient_clip_val <= 0:
+            raise ValueError(f"`gradient_clip_val` must be positive or None, got {gradient_clip_val}")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(
+                f"`gradient_clip_algorithm` must be 'norm' or 'value', got {gradient_clip_algorithm!r}"
+            )
         self.model = model
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -145,6 +186,10 @@ class LossModule(pl.LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.lr_scheduler_monitor = lr_scheduler_monitor
         self.upcast_inputs = upcast_inputs
+        self.micro_batch_size = micro_batch_size
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.automatic_optimization = micro_batch_size is None
         self.loss_binding = Binding(loss, input_map)
         self.model_binding = Binding(model, model_input_map)
         # per stage: `<stage>_loss_metrics` (a weighted mean per loss metric key) and `<stage>_task_metrics`
@@ -191,9 +236,12 @@ class LossModule(pl.LightningModule):
             return dict(out)
         if isinstance(out, Tensor):
             return {self.output_key: out}
+        if isinstance(getattr(out, self.output_key, None), Tensor):  # e.g. an object with `.logits`
+            return {self.output_key: getattr(out, self.output_key)}
         raise TypeError(
             f"{type(self.model).__name__} returned a {type(out).__name__}; a model must return a "
-            "tensor or a dict of outputs (wrap it to name a tuple's elements)"
+            f"tensor, a dict of outputs or an object with a tensor attribute `{self.output_key}` "
+            "(`output_key`); wrap it to name a tuple's elements"
         )
 
     def _world_size(self) -> int:
@@ -248,51 +296,84 @@ class LossModule(pl.LightningModule):
         sample_key = getattr(self.loss, "sample_mask_key", "sample_mask")
         return self.loss_binding.source_key(token_key), self.loss_binding.source_key(sample_key)
 
-    def _loss_inputs(
-        self, batch: dict[str, Any], outputs: dict[str, Any]
-    ) -> tuple[list, dict, Tensor | None]:
-        """The loss's arguments, and the global count it was given (tokens over sequences), if any.
-
-        A count is passed when the loss asks for it. An optional ``global_valid_toks`` is left out when
-        there is nothing to count it from (no token mask in the batch and no ``valid_tokens`` from the
-        loss): the loss then averages over its own inputs.
-        """
+    def _requested_counts(self) -> set[str]:
+        """The global counts the loss asks for by parameter name (unless renamed to a batch key)."""
         binding = self.loss_binding
-        wanted = {"global_valid_toks", "global_valid_seqs"} & (set(binding.names) - set(binding.rename))
-        special: dict[str, Any] = {"data": batch, "model": self.model} | dict.fromkeys(wanted)
-        args, kwargs = binding.bind([outputs, batch], special=special)
-        if self.upcast_inputs:
-            args = [_upcast(v) for v in args]
-            kwargs = {k: v if k in special else _upcast(v) for k, v in kwargs.items()}
+        return {"global_valid_toks", "global_valid_seqs"} & (set(binding.names) - set(binding.rename))
+
+    def _counts(self, batch: Mapping[str, Any], kwargs: Mapping[str, Any]) -> _Counts | None:
+        """The global counts the loss asks for, from the batch and the loss's ``valid_tokens``.
+
+        An optional ``global_valid_toks`` is left out when there is nothing to count it from (no token
+        mask in the batch and no ``valid_tokens`` from the loss): the loss then averages over its own
+        inputs.
+        """
+        wanted = self._requested_counts()
         token_weights = None
         if "global_valid_toks" in wanted:
             valid_tokens = getattr(self.loss, "valid_tokens", None)
             token_weights = valid_tokens(kwargs) if callable(valid_tokens) else None
-            optional = "global_valid_toks" not in binding.required
+            optional = "global_valid_toks" not in self.loss_binding.required
             if optional and token_weights is None and self._mask_keys()[0] not in batch:
                 wanted.discard("global_valid_toks")
-                kwargs.pop("global_valid_toks", None)
-        if wanted:
-            toks, seqs = self.global_valid_counts(batch, token_weights, "global_valid_toks" in wanted)
-            counts = {"global_valid_toks": toks, "global_valid_seqs": seqs}
-            kwargs |= {name: counts[name] for name in wanted}
-            # the count the loss divides by: sequences for a SEQUENCE_LEVEL loss given both
-            sequence_level = getattr(self.loss, "loss_type", None) == LossType.SEQUENCE_LEVEL
-            by_tokens = "global_valid_toks" in wanted and not (
-                sequence_level and "global_valid_seqs" in wanted
-            )
-            return args, kwargs, toks if by_tokens else seqs
-        return args, kwargs, None
+        if not wanted:
+            return None
+        toks, seqs = self.global_valid_counts(batch, token_weights, "global_valid_toks" in wanted)
+        counts = {"global_valid_toks": toks, "global_valid_seqs": seqs}
+        # the count the loss divides by: sequences for a SEQUENCE_LEVEL loss given both
+        sequence_level = getattr(self.loss, "loss_type", None) == LossType.SEQUENCE_LEVEL
+        by_tokens = "global_valid_toks" in wanted and not (sequence_level and "global_valid_seqs" in wanted)
+        return _Counts({name: counts[name] for name in wanted}, toks if by_tokens else seqs)
+
+    def _batch_counts(self, batch: dict[str, Any]) -> _Counts | None:
+        """The global counts of a whole loaded batch, before any model call (for micro-batches)."""
+        wanted = self._requested_counts()
+        if not wanted:
+            return None
+        special = {"data": batch, "model": self.model} | dict.fromkeys(wanted)
+        _, kwargs = self.loss_binding.bind([batch], special=special, missing_ok=True)
+        try:
+            return self._counts(batch, kwargs)
+        except KeyError as error:
+            raise ValueError(
+                f"with `micro_batch_size`, the global counts of {type(self.loss).__name__} are taken from "
+                f"the batch before the model runs, but its `valid_tokens` needs {error}, which the batch "
+                f"(keys {sorted(batch)}) does not hold; add a token mask to the batch"
+            ) from None
+
+    def _loss_inputs(
+        self, batch: dict[str, Any], outputs: dict[str, Any], counts: _Counts | None = None
+    ) -> tuple[list, dict, Tensor | None]:
+        """The loss's arguments, and the global count it was given (tokens over sequences), if any.
+
+        ``counts``: the counts to pass (a micro-batch gets its loaded batch's); by default they are
+        taken from this batch.
+        """
+        wanted = self._requested_counts()
+        special: dict[str, Any] = {"data": batch, "model": self.model} | dict.fromkeys(wanted)
+        args, kwargs = self.loss_binding.bind([outputs, batch], special=special)
+        if self.upcast_inputs:
+            args = [_upcast(v) for v in args]
+            kwargs = {k: v if k in special else _upcast(v) for k, v in kwargs.items()}
+        if counts is None and wanted:
+            counts = self._counts(batch, kwargs)
+        for name in wanted - set(counts.given if counts is not None else ()):
+            kwargs.pop(name, None)
+        if counts is None:
+            return args, kwargs, None
+        return args, kwargs | counts.given, counts.divisor
 
     # ------------------------------------------------------------------------------------------------
     # steps
     # ------------------------------------------------------------------------------------------------
 
-    def _step(self, batch: Any) -> _StepResult:
+    def _step(self, batch: Any, counts: _Counts | None = None, share: float = 1.0) -> _StepResult:
+        """Forward and loss of one batch; ``counts`` / ``share`` when it is a micro-batch of a loaded one."""
         batch = self.batch_as_dict(batch)
         outputs = self(batch)
-        args, kwargs, global_count = self._loss_inputs(batch, outputs)
-        loss, metrics = split_output(self.loss(*args, **kwargs))
+        args, kwargs, global_count = self._loss_inputs(batch, outputs, counts)
+        with micro_batch_share(share):
+            loss, metrics = split_output(self.loss(*args, **kwargs))
         if loss.ndim != 0:
             raise ValueError(
                 f"{type(self.loss).__name__} returned a loss of shape {tuple(loss.shape)}; "
@@ -303,12 +384,14 @@ class LossModule(pl.LightningModule):
         if partial and scale != 1:
             loss = loss * scale
             metrics = {k: v * scale if k in partial else v for k, v in metrics.items()}
+        if global_count is None and share != 1.0:  # a local mean: this micro-batch's share of the batch's
+            loss = loss * share
         metrics = {k: v.to(self.device) for k, v in metrics.items()}
         # Epoch means are means over elements: a (rank-summed) globally normalized value weighs as
         # many as its global count, a local mean as many samples as the batch holds.
         batch_size = _batch_size(batch)
         weights = {k: global_count if k in partial else batch_size for k in metrics}
-        return _StepResult(loss, metrics, outputs, batch, weights)
+        return _StepResult(loss, metrics, outputs, batch, weights, frozenset(partial))
 
     def _log_metrics(
         self, stage: Stage, metrics: Mapping[str, Tensor], weights: Mapping[str, Tensor | int]
@@ -347,15 +430,90 @@ class LossModule(pl.LightningModule):
         self.log_dict(collection, on_step=False, on_epoch=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, metrics, outputs, batch, weights = self._step(batch)
-        nonfinite = self._all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.float32))
+        if self.micro_batch_size is not None:
+            return self._micro_batch_training_step(batch)
+        loss, metrics, outputs, batch, weights, _ = self._step(batch)
+        nonfinite = self._nonfinite_ranks(loss)
         if bool(nonfinite > 0):  # the one host read per step: every rank takes the same branch
             return self._non_finite_step(loss, int(nonfinite))
         self._log_metrics("train", metrics, weights)
         self._update_task_metrics("train", outputs, batch)
         return loss
 
+    def _nonfinite_ranks(self, loss: Tensor) -> Tensor:
+        """How many ranks hold a non-finite ``loss`` (one all-reduce)."""
+        return self._all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.float32))
+
+    def _micro_batch_training_step(self, batch: Any) -> Tensor:
+        """One optimizer step over a loaded batch cut into micro-batches (see the module docstring)."""
+        batch = self.batch_as_dict(batch)
+        optimizer = self.optimizers()
+        counts = self._batch_counts(batch)
+        parts = split_batch(batch, self.micro_batch_size)
+        total = torch.zeros((), device=self.device)
+        metrics: dict[str, Tensor] = {}
+        batch_size = _batch_size(batch)
+        for index, part in enumerate(parts):
+            share = _batch_size(part) / batch_size
+            with optimizer.toggle_model(sync_grad=index == len(parts) - 1):  # DDP syncs on the last
+                result = self._step(part, counts, share)
+                self.manual_backward(result.loss)
+            total = total + result.loss.detach()
+            for key, value in result.metrics.items():  # shares of the global value add up; means mix
+                value = value if key in result.partial else value * share
+                metrics[key] = metrics[key] + value if key in metrics else value
+            self._update_task_metrics("train", result.outputs, part)
+        nonfinite = self._nonfinite_ranks(total)
+        if bool(nonfinite > 0):  # the one host read per step: every rank takes the same branch
+            self._report_non_finite(total, int(nonfinite))
+            self.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            global_count = counts.divisor if counts is not None else batch_size
+            self._log_metrics(
+                "train", metrics, {k: global_count if k in result.partial else batch_size for k in metrics}
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self._step_schedulers("step")
+        if self.nan_policy != "raise":
+            self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+        return total
+
+    def _step_schedulers(self, interval: str) -> None:
+        """Step the LR scheduler under manual optimization, as Lightning does in automatic mode."""
+        if self.lr_scheduler_factory is None or self.lr_scheduler_interval != interval:
+            return
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            value = self.trainer.callback_metrics.get(self.lr_scheduler_monitor)
+            if value is None:
+                raise ValueError(
+                    f"ReduceLROnPlateau monitors `lr_scheduler_monitor` = {self.lr_scheduler_monitor!r}, "
+                    f"which was not logged; logged: {sorted(self.trainer.callback_metrics)}"
+                )
+            scheduler.step(value)
+        else:
+            scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            self._step_schedulers("epoch")
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # after the precision plugin unscaled 16-mixed gradients (Lightning issue #18089 is about
+        # clipping in training_step, before that)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
+
     def _non_finite_step(self, loss: Tensor, ranks: int) -> Tensor:
+        """Apply ``nan_policy``; under ``skip``/``warn``, a zero loss connected to every parameter."""
+        self._report_non_finite(loss, ranks)
+        self._skip_pending_step = True
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+    def _report_non_finite(self, loss: Tensor, ranks: int) -> None:
         message = (
             f"non-finite training loss ({loss.detach().float().item()} on rank {self.global_rank}; "
             f"{ranks} rank(s) affected) at global step {self.global_step}"
@@ -364,9 +522,6 @@ class LossModule(pl.LightningModule):
             raise FloatingPointError(message + "; set nan_policy='skip' to skip such steps")
         if self.nan_policy == "warn":
             rank_zero_warn(message + "; skipping the optimizer step")
-        self._skip_pending_step = True
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.stack([p.sum() for p in params]).sum() * 0.0
 
     def optimizer_step(
         self,
@@ -394,7 +549,7 @@ class LossModule(pl.LightningModule):
         return self._eval_step("test", batch)
 
     def _eval_step(self, stage: Stage, batch: Any) -> Tensor:
-        loss, metrics, outputs, batch, weights = self._step(batch)
+        loss, metrics, outputs, batch, weights, _ = self._step(batch)
         self._log_metrics(stage, metrics, weights)
         self._update_task_metrics(stage, outputs, batch)
         return loss
@@ -422,6 +577,8 @@ class LossModule(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
+        if not self.automatic_optimization:  # stepped by `_step_schedulers`
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
@@ -438,6 +595,33 @@ class _StepResult(NamedTuple):
     outputs: dict[str, Any]
     batch: dict[str, Any]
     weights: dict[str, Tensor | int]
+    partial: frozenset[str]  # metric keys that are shares of a globally normalized value
+
+
+class _Counts(NamedTuple):
+    given: dict[str, Tensor]  # what the loss receives: global_valid_toks and/or global_valid_seqs
+    divisor: Tensor  # the count it divides by
+
+
+def split_batch(batch: Mapping[str, Any], micro_batch_size: int) -> list[dict[str, Any]]:
+    """Cut a batch dict into micro-batches of ``micro_batch_size`` rows.
+
+    Every tensor whose first dimension is the batch size is sliced; other values go whole to each part.
+
+    >>> parts = split_batch({"x": torch.arange(5), "scale": 2.0}, 2)
+    >>> [part["x"].tolist() for part in parts], parts[-1]["scale"]
+    ([[0, 1], [2, 3], [4]], 2.0)
+    """
+    size = _batch_size(batch)
+    return [
+        {
+            key: value[start : start + micro_batch_size]
+            if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == size
+            else value
+            for key, value in batch.items()
+        }
+        for start in range(0, size, micro_batch_size)
+    ]
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:

@@ -14,9 +14,11 @@ changes that globally.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -35,6 +37,8 @@ __all__ = [
     "check_same_leading_dims",
     "check_same_shape",
     "compute_dtype",
+    "local_mean_share",
+    "micro_batch_share",
     "set_value_checks",
     "value_checks_enabled",
 ]
@@ -133,6 +137,37 @@ class LossFunction(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------------------
+
+_MICRO_BATCH_SHARE: ContextVar[float] = ContextVar("micro_batch_share", default=1.0)
+
+
+@contextlib.contextmanager
+def micro_batch_share(share: float) -> Iterator[None]:
+    """Declare that the calls inside hold ``share`` of the loaded batch's rows (a micro-batch).
+
+    ``LossModule(micro_batch_size=...)`` sets it around each micro-batch's loss. A loss that mixes
+    globally normalized terms with *local means* (``CombinedLoss``, ``MultiTaskLoss``) weighs its local
+    means by it, so that the micro-batches' gradients add up to the loaded batch's.
+
+    >>> with micro_batch_share(0.25):
+    ...     local_mean_share()
+    0.25
+    >>> local_mean_share()
+    1.0
+    """
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"`share` must be in (0, 1], got {share}")
+    token = _MICRO_BATCH_SHARE.set(share)
+    try:
+        yield
+    finally:
+        _MICRO_BATCH_SHARE.reset(token)
+
+
+def local_mean_share() -> float:
+    """The share of the loaded batch the current call holds (1.0 outside :func:`micro_batch_share`)."""
+    return _MICRO_BATCH_SHARE.get()
+
 
 _VALUE_CHECKS: Literal["auto", "always", "never"] = "auto"
 

@@ -104,7 +104,7 @@ def test_inputs_resolved_by_name_keyword_model_and_tuple_batches():
     assert kwargs["global_valid_toks"].item() == batch["token_mask"].sum().item() == 10
 
     tuple_module = LossModule(nn.Linear(3, 2), nn.CrossEntropyLoss(), input_map={"input": "logits"})
-    loss, metrics, _, named, _ = tuple_module._step((torch.randn(4, 3), torch.tensor([0, 1, 1, 0])))
+    loss, metrics, _, named, *_ = tuple_module._step((torch.randn(4, 3), torch.tensor([0, 1, 1, 0])))
     assert named.keys() == {"inputs", "target"} and metrics.keys() == {"loss"} and loss.ndim == 0
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_losses.binding import Binding
-from lightning_losses.protocol import LossFunction, LossOutput, LossType, split_output
+from lightning_losses.protocol import LossFunction, LossOutput, LossType, local_mean_share, split_output
 from lightning_losses.registry import available_losses, build_loss, get_loss, register_loss
 
 __all__ = ["CombinedLoss", "CompositeLoss", "LossSpec", "build_components"]
@@ -240,20 +240,30 @@ class CompositeLoss(LossFunction):
             problem = f"unexpected inputs {unknown}" if unknown else f"missing required inputs {missing}"
             raise TypeError(f"{type(self).__name__} got {problem}; its inputs are {list(params)}")
 
-    def counted_world_size(self, inputs: Mapping[str, Any]) -> int:
-        """The world size when the caller passed a global count (and so scales the loss by it), else 1."""
-        return _world_size() if any(inputs.get(count) is not None for count in COUNT_NAMES) else 1
+    def counted_scale(self, inputs: Mapping[str, Any]) -> float:
+        """What the caller multiplies this call's loss by when it passed a global count, else 1.
+
+        That is the world size (``LossModule`` scales a globally normalized loss by it, see its
+        docstring) over the micro-batch's share of the loaded batch (:func:`micro_batch_share`): a
+        local mean divided by it is its exact share of the global batch's mean.
+        """
+        if not any(inputs.get(count) is not None for count in COUNT_NAMES):
+            return 1
+        return _world_size() / local_mean_share()
 
     def component_inputs(
-        self, name: str, inputs: Mapping[str, Any], with_counts: bool = True
+        self, name: str, inputs: Mapping[str, Any], with_counts: bool = True, missing_ok: bool = False
     ) -> tuple[list[Any], dict[str, Any], bool]:
-        """The arguments of component ``name`` and whether it was given a global count."""
+        """The arguments of component ``name`` and whether it was given a global count (``missing_ok``:
+        leave out required inputs that are not there, see :meth:`Binding.bind`)."""
         binding = self.bindings[name]
         source = dict(inputs)
         for count in COUNT_NAMES:
             if count not in binding.rename and (not with_counts or name not in self.count_receivers[count]):
                 source.pop(count, None)
-        args, kwargs = binding.bind([source], source_names=(f"the inputs of {type(self).__name__}",))
+        args, kwargs = binding.bind(
+            [source], source_names=(f"the inputs of {type(self).__name__}",), missing_ok=missing_ok
+        )
         counted = any(kwargs.get(c) is not None for c in COUNT_NAMES if c not in binding.rename)
         return args, kwargs, counted
 
@@ -280,14 +290,14 @@ class CompositeLoss(LossFunction):
         own = getattr(self.components[name], "partial_metrics", ())
         return [f"{name}_loss", *(f"{name}_{key}" for key in own if key != "loss")]
 
-    def local_metrics(self, metrics: dict[str, Tensor], world_size: int) -> dict[str, Tensor]:
-        """Divide by ``world_size`` those of one component's ``metrics`` listed in ``partial_metrics``
-        when this call left them local (the component got no count), so that ``LossModule``'s scaling
-        of partial metrics leaves them as they are."""
-        if world_size == 1:
+    def local_metrics(self, metrics: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
+        """Divide by ``scale`` (:meth:`counted_scale`) those of one component's ``metrics`` listed in
+        ``partial_metrics`` when this call left them local (the component got no count), so that
+        ``LossModule``'s scaling of partial metrics leaves them as they are."""
+        if scale == 1:
             return metrics
         partial = set(self.partial_metrics)
-        return {key: value / world_size if key in partial else value for key, value in metrics.items()}
+        return {key: value / scale if key in partial else value for key, value in metrics.items()}
 
 
 @register_loss("combined")
@@ -364,13 +374,14 @@ class CombinedLoss(CompositeLoss):
         for name in self.components:
             hook = getattr(self.components[name], "valid_tokens", None)
             if name in self.count_receivers["global_valid_toks"] and callable(hook):
-                _, kwargs, _ = self.component_inputs(name, inputs, with_counts=False)
+                # counts may be taken before the model ran (micro-batches): outputs may be missing
+                _, kwargs, _ = self.component_inputs(name, inputs, with_counts=False, missing_ok=True)
                 return hook(kwargs)
         return None
 
     def forward(self, **inputs: Any) -> LossOutput:
         self.check_inputs(inputs)
-        world_size = self.counted_world_size(inputs)
+        scale = self.counted_scale(inputs)
         total: Tensor | None = None
         metrics: dict[str, Tensor] = {}
         for name in self.components:
@@ -379,8 +390,8 @@ class CombinedLoss(CompositeLoss):
             weighted = self.loss_weights[name] * loss
             component_metrics[f"{name}_weighted_loss"] = weighted.detach()
             if not counted:  # a local mean: its share, as LossModule multiplies the loss by world_size
-                weighted = weighted / world_size
-                component_metrics = self.local_metrics(component_metrics, world_size)
+                weighted = weighted / scale
+                component_metrics = self.local_metrics(component_metrics, scale)
             total = weighted if total is None else total + weighted
             metrics |= component_metrics
         assert total is not None  # at least one component

@@ -253,7 +253,7 @@ class MultiTaskLoss(CompositeLoss):
             check_ndim("task_ids", task_ids, 1)
             check_class_targets("task_ids", task_ids, len(self.task_names))
             self._check_task_ids_mode()
-        world_size = self.counted_world_size(inputs)
+        scale = self.counted_scale(inputs)
         losses, present, metrics = [], [], {}
         for index, name in enumerate(self.task_names):
             if task_ids is None:
@@ -277,11 +277,11 @@ class MultiTaskLoss(CompositeLoss):
                 is_present = torch.ones((), dtype=torch.bool, device=loss.device)
             shown = is_present if local is None else is_present & local
             if not counted:
-                task_metrics = self.local_metrics(task_metrics, world_size)
+                task_metrics = self.local_metrics(task_metrics, scale)
             metrics |= {k: torch.where(shown, v, torch.zeros_like(v)) for k, v in task_metrics.items()}
-            # The functional sums full-batch-equivalent losses; divided by world_size below, a counted
+            # The functional sums full-batch-equivalent losses; divided by `scale` below, a counted
             # (partial) loss stays a partial sum and the rest become this rank's share.
-            losses.append(loss * world_size if counted else loss)
+            losses.append(loss * scale if counted else loss)
             present.append(is_present)
         dtype = compute_dtype(*losses)
         task_losses = torch.stack([loss.to(dtype) for loss in losses])
@@ -292,8 +292,8 @@ class MultiTaskLoss(CompositeLoss):
             task_weights=self.task_weights,
             regression=self.regression,
         )
-        if world_size != 1:
-            total = total / world_size
+        if scale != 1:
+            total = total / scale
         with torch.no_grad():
             weights = effective_task_weights(self.log_variances, self.task_weights, self.regression)
             for index, name in enumerate(self.task_names):

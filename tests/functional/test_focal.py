@@ -440,7 +440,7 @@ def test_guide_spec_builds_by_registry_name():
 def test_loss_module_binds_logits_and_target_from_a_digits_batch():
     module = LossModule(MLP(64, 10, hidden=(16,)), FocalLoss(gamma=2.0))
     batch = {"inputs": torch.rand(8, 64), "target": torch.randint(0, 10, (8,))}
-    loss, metrics, outputs, _, _ = module._step(batch)
+    loss, metrics, outputs, *_ = module._step(batch)
     torch.testing.assert_close(loss, focal_loss(outputs["logits"], batch["target"], gamma=2.0))
     assert set(metrics) == {"loss", "p_t", "accuracy"}
 

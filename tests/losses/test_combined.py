@@ -180,7 +180,7 @@ def test_forward_signature_is_the_union_required_if_any_requires():
 
     module = LossModule(nn.Linear(3, 4), loss_fn)
     batch = {"inputs": torch.randn(5, 3), "target": torch.tensor([0, 1, 2, 3, 0])}
-    loss, metrics, outputs, _, _ = module._step(batch)
+    loss, metrics, outputs, *_ = module._step(batch)
     ce = F.cross_entropy(outputs["logits"], batch["target"])
     torch.testing.assert_close(metrics["ce_loss"], ce)
     torch.testing.assert_close(
@@ -260,7 +260,7 @@ def test_loss_module_passes_global_counts_when_the_batch_has_the_mask():
         "mask": torch.tensor([1, 1, 1, 0, 0, 1], dtype=torch.bool),
     }
     assert module._loss_inputs(batch, module(batch))[2]  # globally normalized: given global_valid_toks
-    loss, _, outputs, _, _ = module._step(batch)
+    loss, _, outputs, *_ = module._step(batch)
     logits, target = outputs["logits"][batch["mask"]], batch["target"][batch["mask"]]
     expected = 0.7 * F.cross_entropy(logits, target) + 0.3 * F.cross_entropy(
         logits, target, label_smoothing=0.1
