@@ -41,8 +41,10 @@ class WeightedMean(Metric):
     def update(self, value: Tensor, weight: float | Tensor = 1.0) -> None:
         if isinstance(weight, Tensor):
             weight = weight.detach().to(self.total)
-        self.total += value.detach().to(self.total.dtype).sum() * weight
-        self.weight += weight
+        # out of place: states first created under `trainer.validate` are inference tensors, which
+        # an in-place update outside inference mode (a later `fit`) refuses
+        self.total = self.total + value.detach().to(self.total.dtype).sum() * weight
+        self.weight = self.weight + weight
 
     def compute(self) -> Tensor:
         return self.total / self.weight

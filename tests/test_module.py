@@ -379,3 +379,13 @@ def test_library_loss_epoch_metrics_are_exact_over_uneven_batches():
         logits = module.model(x)
     assert results["test/accuracy"] == pytest.approx((logits.argmax(1) == y).float().mean().item(), abs=1e-6)
     assert results["test/loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+def test_validate_before_fit_then_train():
+    """Metric states first created under `trainer.validate` (inference mode) still update in `fit`."""
+    data = DataLoader(TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,))), batch_size=16)
+    module = LossModule(nn.Linear(4, 3), nn.CrossEntropyLoss(), input_map={"input": "logits"})
+    quiet_trainer(max_epochs=1).validate(module, data, verbose=False)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(module, data, data)
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
