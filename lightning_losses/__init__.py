@@ -4,6 +4,7 @@ Every loss is an ``nn.Module`` returning ``LossOutput(loss, metrics)``; ``LossMo
 with any loss and logs the metrics; ``lightning-losses fit --config ...`` drives it from YAML.
 """
 
+from lightning_losses.loss_logger import LossLogger
 from lightning_losses.metrics import MetricAggregator
 from lightning_losses.module import LossModule
 from lightning_losses.protocol import LossFunction, LossOutput, LossType, set_value_checks
@@ -11,6 +12,7 @@ from lightning_losses.registry import available_losses, build_loss, register_los
 
 __all__ = [
     "LossFunction",
+    "LossLogger",
     "LossModule",
     "LossOutput",
     "LossType",

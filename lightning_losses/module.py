@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from lightning_losses.binding import Binding
-from lightning_losses.metrics import MetricAggregator
+from lightning_losses.loss_logger import LossLogger
 from lightning_losses.protocol import LossType, micro_batch_share, split_output
 
 try:  # set by LightningCLI while it instantiates the module: the config (class paths) to save
@@ -192,13 +192,13 @@ class LossModule(pl.LightningModule):
         self.automatic_optimization = micro_batch_size is None
         self.loss_binding = Binding(loss, input_map)
         self.model_binding = Binding(model, model_input_map)
-        # per stage: `<stage>_loss_metrics` (a weighted mean per loss metric key) and `<stage>_task_metrics`
+        # the loss's metrics: a weighted mean per key and stage; task metrics: `<stage>_task_metrics`
+        self.loss_logger = LossLogger()
         if metrics is not None and not isinstance(metrics, MetricCollection):
             metrics = MetricCollection(dict(metrics))
         self.has_task_metrics = metrics is not None
-        for stage in _STAGES:
-            setattr(self, f"{stage}_loss_metrics", MetricAggregator())
-            if metrics is not None:
+        if metrics is not None:
+            for stage in _STAGES:
                 setattr(self, f"{stage}_task_metrics", metrics.clone(prefix=f"{stage}/"))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self._skip_pending_step = False
@@ -396,15 +396,7 @@ class LossModule(pl.LightningModule):
     def _log_metrics(
         self, stage: Stage, metrics: Mapping[str, Tensor], weights: Mapping[str, Tensor | int]
     ) -> None:
-        aggregator: MetricAggregator = getattr(self, f"{stage}_loss_metrics")
-        for key, metric in aggregator.update(metrics, weights).items():
-            attribute = f"{stage}_loss_metrics.{aggregator.attribute(key)}"
-            name = f"{stage}/{key}_epoch" if stage == "train" else f"{stage}/{key}"
-            shown = key == "loss"
-            if stage == "train":  # this rank's step value: no sync
-                self.log(f"train/{key}", metrics[key], on_step=True, on_epoch=False, prog_bar=shown)
-                shown = False
-            self.log(name, metric, on_step=False, on_epoch=True, metric_attribute=attribute, prog_bar=shown)
+        self.loss_logger.log_metrics(self, stage, metrics, weights)
 
     def _update_task_metrics(
         self, stage: Stage, outputs: Mapping[str, Any], batch: Mapping[str, Any]
@@ -418,9 +410,7 @@ class LossModule(pl.LightningModule):
                 "set `preds_key` / `target_key`"
             )
         collection: MetricCollection = getattr(self, f"{stage}_task_metrics")
-        clash = {key.split("/", 1)[1] for key in collection} & set(
-            getattr(self, f"{stage}_loss_metrics").keys()
-        )
+        clash = {key.split("/", 1)[1] for key in collection} & set(self.loss_logger[stage].keys())
         if clash:
             raise ValueError(
                 f"the task metrics {sorted(clash)} have the names of metrics the loss "

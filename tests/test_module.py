@@ -74,7 +74,7 @@ def test_plain_torch_loss_trains_and_logs_loss_only():
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True))
     first, last = first_and_last(record.values)
     assert last < 0.5 * first, (first, last)
-    assert module.train_loss_metrics.keys() == ["loss"]
+    assert module.loss_logger["train"].keys() == ["loss"]
 
 
 def test_learnable_loss_parameter_is_optimized():
