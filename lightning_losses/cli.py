@@ -3,10 +3,12 @@
 lightning-losses fit --config configs/digits_cross_entropy.yaml
 lightning-losses test --config configs/digits_cross_entropy.yaml --ckpt_path last
 lightning-losses fit --config configs/digits_cross_entropy.yaml --print_config
+lightning-losses plot runs/digits_cross_entropy        # metrics.csv -> metrics.png
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -45,7 +47,14 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> LossCLI:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``lightning-losses`` console script."""
+    """Entry point of the ``lightning-losses`` console script: LightningCLI's subcommands, and ``plot``
+    (see :mod:`lightning_losses.plotting`)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["plot"]:
+        from lightning_losses.plotting import plot_main
+
+        plot_main(argv[1:])
+        return
     build_cli(args)
 
 
