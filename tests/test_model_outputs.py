@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses import LossModule
-from lightning_losses.losses import NLLLoss
+from lightning_losses.losses import CrossEntropyLoss, NLLLoss
 from tests.helpers import TinyLM, quiet_trainer
 
 
@@ -79,3 +79,53 @@ def test_a_tiny_hugging_face_causal_lm_trains_unchanged():
     trainer = quiet_trainer(max_epochs=30)
     trainer.fit(module, DataLoader([batch], batch_size=None))
     assert trainer.callback_metrics["train/loss"] < 0.5 * expected  # it learns the batch
+
+
+class ConvBackbone(nn.Module):
+    """A torchvision-style classifier: ``forward(x)`` on images, logits out."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+class KeywordDictModel(nn.Module):
+    """A model with keyword inputs returning a dict, as many research codebases write them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, *, features: Tensor, temperature: float = 1.0) -> dict[str, Tensor]:
+        return {"scores": self.proj(features) / temperature, "norm": features.norm(dim=-1)}
+
+
+def test_existing_models_are_wrapped_without_a_subclass():
+    generator = torch.Generator().manual_seed(0)
+    images, labels = (
+        torch.randn(16, 1, 8, 8, generator=generator),
+        torch.randint(0, 3, (16,), generator=generator),
+    )
+    torch.manual_seed(0)
+    backbone = ConvBackbone()
+    module = LossModule(
+        backbone, CrossEntropyLoss()
+    )  # a tuple batch: (inputs, target); the tensor is "logits"
+    loss = module._step((images, labels)).loss
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(backbone(images), labels))
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(module, DataLoader(TensorDataset(images, labels), batch_size=8))
+    assert trainer.global_step == 2
+
+    model = KeywordDictModel()
+    batch = {"features": torch.randn(5, 4, generator=generator), "target": torch.randint(0, 3, (5,))}
+    keyword = LossModule(model, CrossEntropyLoss(), input_map={"logits": "scores"})
+    step = keyword._step(batch)
+    assert set(step.outputs) == {"scores", "norm"}
+    torch.testing.assert_close(
+        step.loss, nn.functional.cross_entropy(model(features=batch["features"])["scores"], batch["target"])
+    )
