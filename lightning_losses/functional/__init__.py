@@ -9,6 +9,7 @@ from lightning_losses.functional.contrastive import (
 from lightning_losses.functional.cross_entropy import cross_entropy
 from lightning_losses.functional.distillation import DistillationTerms, distillation_loss, kl_divergence
 from lightning_losses.functional.focal import focal_loss
+from lightning_losses.functional.fused_linear import fused_linear_cross_entropy, fused_linear_distillation
 from lightning_losses.functional.multi_task import effective_task_weights, multi_task_loss
 from lightning_losses.functional.nll import nll_loss, token_log_probs
 from lightning_losses.functional.policy_gradient import ClippedPGTerms, clipped_pg_loss, kl_penalty
@@ -44,6 +45,8 @@ __all__ = [
     "dpo_loss",
     "effective_task_weights",
     "focal_loss",
+    "fused_linear_cross_entropy",
+    "fused_linear_distillation",
     "generalized_advantage_estimate",
     "info_nce_loss",
     "kl_divergence",

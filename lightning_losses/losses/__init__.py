@@ -14,6 +14,9 @@
 - ``ClippedPGLoss`` (``clipped_pg``): PPO (Schulman et al. 2017) / GRPO clipped policy gradient
 - ``DPOLoss`` (``dpo``): Rafailov et al. 2023
 - ``CustomSequenceLoss`` (``custom_sequence``): REINFORCE (Williams 1992) with NeMo RL's normalization
+- ``FusedLinearCrossEntropyLoss`` (``fused_linear_cross_entropy``), ``FusedLinearDistillationLoss``
+  (``fused_linear_distillation``): the LM head fused with the loss, chunked over tokens so the whole
+  ``[N, V]`` logits never exist (the idea of Liger-Kernel's fused kernels, in pure PyTorch)
 """
 
 from lightning_losses.losses.adversarial import AdversarialLoss
@@ -22,6 +25,7 @@ from lightning_losses.losses.contrastive import ContrastiveLoss, InfoNCELoss, Su
 from lightning_losses.losses.cross_entropy import CrossEntropyLoss
 from lightning_losses.losses.distillation import KLDivergenceLoss
 from lightning_losses.losses.focal import FocalLoss
+from lightning_losses.losses.fused_linear import FusedLinearCrossEntropyLoss, FusedLinearDistillationLoss
 from lightning_losses.losses.multi_task import MultiTaskLoss
 from lightning_losses.losses.nll import NLLLoss
 from lightning_losses.losses.policy_gradient import ClippedPGLoss
@@ -39,6 +43,8 @@ __all__ = [
     "CustomSequenceLoss",
     "DPOLoss",
     "FocalLoss",
+    "FusedLinearCrossEntropyLoss",
+    "FusedLinearDistillationLoss",
     "InfoNCELoss",
     "KLDivergenceLoss",
     "MSELoss",

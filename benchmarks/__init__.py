@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks against references: ``python -m benchmarks.<name>``."""
