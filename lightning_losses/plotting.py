@@ -14,8 +14,9 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["find_metrics_file", "metric_panels", "plot_metrics", "read_metrics"]
+__all__ = ["find_metrics_file", "metric_panels", "metrics_figure", "plot_metrics", "read_metrics"]
 
 Series = list[tuple[float, float]]  # (step, value)
 _STAGE = re.compile(r"^(train|val|test)/")
@@ -79,21 +80,15 @@ def metric_panels(keys: Sequence[str]) -> dict[str, list[str]]:
     return dict(sorted(panels.items(), key=lambda item: (item[0] != "loss", item[0])))
 
 
-def plot_metrics(
-    path: str | Path, output: str | Path | None = None, keys: Sequence[str] | None = None, columns: int = 3
-) -> Path:
-    """Draw the metrics of a run into a PNG; returns its path (default: ``metrics.png`` beside the CSV).
+def metrics_figure(path: str | Path, keys: Sequence[str] | None = None, columns: int = 3) -> Any:
+    """A matplotlib ``Figure`` of the metrics of a run (shown inline in a notebook).
 
     Args:
         path: a CSVLogger run folder, the folder of its versions, or a ``metrics.csv``.
-        output: where to write the PNG.
         keys: metric names to draw (panel names such as ``loss`` or ``accuracy``); all by default.
         columns: panels per row.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError('plotting needs matplotlib: pip install "lightning-losses[plot]"') from error
@@ -125,7 +120,18 @@ def plot_metrics(
         axis.set_visible(False)
     figure.suptitle(str(csv_path.parent))
     figure.tight_layout()
-    output = Path(output) if output is not None else csv_path.with_name("metrics.png")
+    return figure
+
+
+def plot_metrics(
+    path: str | Path, output: str | Path | None = None, keys: Sequence[str] | None = None, columns: int = 3
+) -> Path:
+    """Draw the metrics of a run (:func:`metrics_figure`) into a PNG; returns its path (default:
+    ``metrics.png`` beside the CSV)."""
+    import matplotlib.pyplot as plt
+
+    figure = metrics_figure(path, keys, columns)
+    output = Path(output) if output is not None else find_metrics_file(path).with_name("metrics.png")
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=100)
     plt.close(figure)
@@ -142,6 +148,9 @@ def plot_main(args: Sequence[str]) -> Path:
     parser.add_argument("--keys", nargs="+", default=None, help="metric names to draw, e.g. loss accuracy")
     parser.add_argument("--columns", type=int, default=3, help="panels per row")
     options = parser.parse_args(list(args))
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file, no window (the CLI only)
     written = plot_metrics(options.path, options.output, options.keys, options.columns)
     print(written)
     return written

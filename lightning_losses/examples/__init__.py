@@ -1,6 +1,11 @@
 """Data modules, models and metrics for the example configs (real data that ships inside packages)."""
 
-from lightning_losses.examples.cartpole import ActorCritic, CartPoleDataModule, CartPoleEvaluation
+from lightning_losses.examples.cartpole import (
+    ActorCritic,
+    CartPoleDataModule,
+    CartPoleEvaluation,
+    evaluate_policy,
+)
 from lightning_losses.examples.causal_lm import CharVocab, TinyCausalLM
 from lightning_losses.examples.digits import DictDataset, DigitsDataModule
 from lightning_losses.examples.digits_bandit import DigitsBanditDataModule, PolicyMLP
@@ -17,6 +22,7 @@ from lightning_losses.examples.verifiable_task import (
     GreedyAccuracy,
     WarmStartLM,
     check_addition,
+    greedy_accuracy,
 )
 
 __all__ = [
@@ -44,5 +50,7 @@ __all__ = [
     "TwoHeadMLP",
     "WarmStartLM",
     "check_addition",
+    "evaluate_policy",
+    "greedy_accuracy",
     "image_statistic",
 ]

@@ -72,8 +72,9 @@ class KLDivergenceLoss(LossFunction):
     The teacher logits come from one of:
 
     - ``teacher_logits``, an input (a batch key, resolved by name by ``LossModule``); or
-    - ``teacher``, a module called on ``inputs`` (the batch's model input). It is frozen: its parameters
-      do not require grad (so ``LossModule`` gives them to no optimizer), it runs under
+    - ``teacher``, a module called on ``inputs`` (the batch's model input). It is frozen in place (the
+      module passed is changed, not copied: pass ``copy.deepcopy(m)`` to keep ``m`` trainable): its
+      parameters do not require grad (so ``LossModule`` gives them to no optimizer), it runs under
       ``torch.no_grad()``, and it stays in eval mode (``train()`` does not switch it, so dropout and
       batch norm behave as at inference). ``teacher_checkpoint`` loads its weights from a ``LossModule``
       checkpoint (keys ``"model.<...>"``) or a state dict file. Its weights are also saved in the
