@@ -94,7 +94,7 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     restored = UserClassifier.load_from_checkpoint(path)
     for (name, value), other in zip(module.state_dict().items(), restored.state_dict().values(), strict=True):
         torch.testing.assert_close(other, value, msg=name)
-    resumed = quiet_trainer(max_epochs=3, default_root_dir=tmp_path)
+    resumed = quiet_trainer(max_epochs=3, default_root_dir=tmp_path, enable_checkpointing=True)
     resumed.fit(restored, data, ckpt_path=path)  # resuming restores and logs the metrics again
     assert resumed.current_epoch == 3
     torch.testing.assert_close(
