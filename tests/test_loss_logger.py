@@ -128,3 +128,30 @@ def test_metrics_are_synced_over_two_ddp_processes():
     expected = full_set_metrics(module, val)
     for key, value in expected.items():
         torch.testing.assert_close(trainer.callback_metrics[key].float(), value, rtol=1e-5, atol=1e-6)
+
+
+def test_train_epoch_means_over_several_epochs_and_fits(tmp_path):
+    """The epoch Metric is logged once per epoch; every epoch's mean still covers all its steps."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    data = dataset(40, 0)  # batches of 16, 16 and 8
+    module = UserClassifier()
+    for fit in range(2):  # a second fit of the same module with a new trainer logs again
+        logger = CSVLogger(tmp_path, name=f"fit{fit}")
+        trainer = quiet_trainer(max_epochs=2, logger=logger, log_every_n_steps=1)
+        trainer.fit(module, DataLoader(data, batch_size=16))
+        rows = list(
+            csv.DictReader((tmp_path / f"fit{fit}" / "version_0" / "metrics.csv").read_text().splitlines())
+        )
+        for epoch in range(2):
+            steps = [float(r["train/loss"]) for r in rows if r["train/loss"] and int(r["epoch"]) == epoch]
+            assert len(steps) == 3
+            expected = (16 * steps[0] + 16 * steps[1] + 8 * steps[2]) / 40
+            logged = [
+                float(r["train/loss_epoch"])
+                for r in rows
+                if r["train/loss_epoch"] and int(r["epoch"]) == epoch
+            ]
+            assert logged == [pytest.approx(expected, rel=1e-5)]

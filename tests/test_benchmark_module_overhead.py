@@ -1,0 +1,42 @@
+"""Smoke tests of ``python -m benchmarks.module_overhead`` at tiny sizes (the timings are not checked here,
+only that every variant trains, is timed and is reported)."""
+
+import json
+import math
+
+import pytest
+
+from benchmarks.module_overhead import VARIANTS, format_table, main
+
+
+def test_tiny_run_reports_every_variant(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    args = ["--epochs", "2", "--warmup-epochs", "1", "--repeats", "2", "--batch-size", "256", "--hidden", "8"]
+    main([*args, "--json", str(out)])
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert [(r["repeat"], r["variant"]) for r in report["runs"]] == [
+        (0, "hand_written"),
+        (0, "loss_module"),
+        (0, "loss_logger"),
+        (1, "loss_module"),
+        (1, "loss_logger"),
+        (1, "hand_written"),
+    ]
+    for run in report["runs"]:
+        assert run["steps"] == 5  # ceil(1257 / 256) steps in the one measured epoch
+        assert run["step_time_s"] > 0 and math.isclose(run["steps_per_s"] * run["step_time_s"], 1.0)
+    # the same seed, data order and arithmetic: every variant trains to the same loss
+    losses = {r["variant"]: r["final_loss"] for r in report["runs"] if r["repeat"] == 0}
+    assert losses["loss_module"] == pytest.approx(losses["hand_written"], rel=1e-6)
+    assert losses["loss_logger"] == pytest.approx(losses["hand_written"], rel=1e-6)
+    assert set(report["overhead"]) == set(report["paired_overhead"]) == set(VARIANTS[1:])
+    for variant in VARIANTS:
+        assert variant in printed
+    assert "loss_module / hand_written - 1" in printed
+    assert format_table(report) in printed
+
+
+def test_bad_warmup_is_refused():
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        main(["--epochs", "1", "--warmup-epochs", "1", "--repeats", "1"])
