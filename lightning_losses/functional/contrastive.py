@@ -1,8 +1,15 @@
-"""Contrastive objectives on embeddings: margin contrastive, InfoNCE / NT-Xent and supervised contrastive.
+r"""Contrastive objectives on embeddings: margin contrastive, InfoNCE / NT-Xent and supervised contrastive.
 
 All three compare every pair of a batch through one ``[M, M]`` matrix (a matrix product of the
 embeddings), never an ``[M, M, D]`` tensor of differences. Negatives are the other elements of *this*
 batch: under DDP each rank contrasts its own batch (nothing is gathered across ranks).
+
+With ``chunk_size`` set, :func:`info_nce_loss` and :func:`supervised_contrastive_loss` never hold the
+whole ``[M, M]`` matrix: a custom autograd function walks over ``chunk_size`` anchor rows at a time,
+computes their similarities to all rows, their log-softmax, their loss terms and, in the same pass, their
+contribution to the gradient of the embeddings (to the chunk's rows and, through the columns, to every
+row), so memory is :math:`O(\text{chunk} \cdot M + M D)` instead of several ``[M, M]`` tensors
+(at :math:`M = 16384` one fp32 ``[M, M]`` is 1 GiB).
 
 Each loss has a plain form returning the loss tensor and a ``*_with_metrics`` form returning
 ``(loss, metrics)`` with detached 0-dim metrics (what the modules of :mod:`lightning_losses.losses` log).
@@ -10,9 +17,12 @@ Each loss has a plain form returning the loss tensor and a ``*_with_metrics`` fo
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lightning_losses.protocol import (
     check_floating,
@@ -91,6 +101,86 @@ def pairwise_squared_distances(embeddings: Tensor) -> Tensor:
     gram = centred @ centred.T
     squared_norms = gram.diagonal()
     return (squared_norms[:, None] + squared_norms[None, :] - 2 * gram).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the chunked path shared by InfoNCE and SupCon: anchor-row chunks, gradient computed in the forward pass
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}")
+
+
+class _ChunkedSupCon(torch.autograd.Function):
+    r"""SupCon over rows ``z [M, D]`` (already normalized) with labels ``[M]``, ``chunk_size`` anchors at a
+    time. Returns ``(loss, positive_sum [M], negative_sum [M], num_positives [M], argmax [M])``; only
+    ``loss`` is differentiable. The per-row sums are of :math:`s = z z^\top / \tau` over the row's
+    positives / negatives; ``argmax`` is the row's most similar other row.
+
+    For anchor :math:`i` with :math:`n_i = |P(i)| > 0`, :math:`\partial L / \partial s_{ij} =
+    (\mathrm{softmax}_{a \ne i}(s_i)_j - [j \in P(i)] / n_i) / |I^+|` (call it :math:`G_{ij}`), and
+    :math:`\partial L / \partial z = (G + G^\top) z / \tau`: each chunk adds :math:`G_C z / \tau` to its
+    own rows and :math:`G_C^\top z_C / \tau` to all rows.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, z: Tensor, labels: Tensor, temperature: float, chunk_size: int, need_grad: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        num_rows = len(z)
+        step = max(1, min(chunk_size, num_rows))
+        positive_sum = torch.empty(num_rows, dtype=z.dtype, device=z.device)
+        negative_sum = torch.empty_like(positive_sum)
+        num_positives = torch.empty(num_rows, dtype=torch.long, device=z.device)
+        argmax = torch.empty(num_rows, dtype=torch.long, device=z.device)
+        loss_sum = torch.zeros((), dtype=z.dtype, device=z.device)
+        grad = torch.zeros_like(z) if need_grad else None
+        for start in range(0, num_rows, step):
+            stop = min(start + step, num_rows)
+            rows = slice(start, stop)
+            s = torch.mm(z[rows], z.T).div_(temperature)  # [c, M]
+            diagonal = s.diagonal(offset=start)  # s[k, start + k]: the anchors themselves
+            row_total = s.sum(1) - diagonal
+            diagonal.fill_(float("-inf"))
+            positives = labels[rows, None] == labels[None, :]
+            positives.diagonal(offset=start).fill_(False)
+            n = positives.sum(1)
+            pos_sum = torch.where(positives, s, 0.0).sum(1)
+            log_normalizer = torch.logsumexp(s, dim=1)
+            has_positive = n > 0
+            n_safe = n.clamp(min=1)
+            loss_sum += torch.where(has_positive, log_normalizer - pos_sum / n_safe, 0.0).sum()
+            positive_sum[rows], negative_sum[rows] = pos_sum, row_total - pos_sum
+            num_positives[rows], argmax[rows] = n, s.argmax(1)
+            if grad is None:
+                continue
+            weight = has_positive.to(z.dtype)[:, None]
+            g = s.sub_(log_normalizer[:, None]).exp_().mul_(weight)  # softmax, 0 on the diagonal
+            g.sub_(positives * (weight / n_safe[:, None]))
+            grad[rows].addmm_(g, z, alpha=1 / temperature)
+            grad.addmm_(g.T, z[rows], alpha=1 / temperature)
+        num_anchors = (num_positives > 0).sum()
+        ctx.grad = None if grad is None else divide_by_count(grad, num_anchors)
+        extras = (positive_sum, negative_sum, num_positives, argmax)
+        ctx.mark_non_differentiable(*extras)
+        return (divide_by_count(loss_sum, num_anchors), *extras)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        # not in place: the stored gradient stays valid for another backward (retain_graph=True)
+        return (None if ctx.grad is None else ctx.grad * grad_loss), None, None, None, None
+
+
+def _chunked(
+    z: Tensor, labels: Tensor, temperature: float, chunk_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need_grad = torch.is_grad_enabled() and z.requires_grad
+    return _ChunkedSupCon.apply(z, labels, temperature, chunk_size, need_grad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,16 +293,32 @@ def _info_nce(
     temperature: float,
     normalize: bool,
     with_metrics: bool,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     check_floating("embeddings", embeddings)
     check_floating("positive_embeddings", positive_embeddings)
     check_ndim("embeddings", embeddings, 2)
     check_same_shape("embeddings", embeddings, "positive_embeddings", positive_embeddings)
     check_positive("temperature", temperature)
+    _check_chunk_size(chunk_size)
 
     dtype = compute_dtype(embeddings, positive_embeddings)
     z = torch.cat([embeddings.to(dtype), positive_embeddings.to(dtype)])
     num_pairs = len(embeddings)
+    if chunk_size is not None:  # SupCon with the two views of pair i labelled i: one positive each
+        if normalize:
+            z = F.normalize(z, dim=-1)
+        labels = torch.arange(num_pairs, device=z.device).repeat(2)
+        loss, positive_sum, negative_sum, _, argmax = _chunked(z, labels, temperature, chunk_size)
+        if not with_metrics:
+            return loss, {}
+        partner = (torch.arange(2 * num_pairs, device=z.device) + num_pairs) % (2 * num_pairs)
+        num_negatives = 2 * num_pairs * (2 * num_pairs - 2)
+        return loss, {
+            "accuracy": divide_by_count((argmax == partner).to(dtype).sum(), 2 * num_pairs),
+            "mean_positive_similarity": divide_by_count(positive_sum.sum() * temperature, 2 * num_pairs),
+            "mean_negative_similarity": divide_by_count(negative_sum.sum() * temperature, num_negatives),
+        }
     _, logits, not_self = _similarity_logits(z, temperature, normalize)
     anchors = torch.arange(2 * num_pairs, device=z.device)
     partner = (anchors + num_pairs) % (2 * num_pairs)  # view 1 ↔ view 2
@@ -237,7 +343,12 @@ def _info_nce(
 
 
 def info_nce_loss(
-    embeddings: Tensor, positive_embeddings: Tensor, *, temperature: float = 0.1, normalize: bool = True
+    embeddings: Tensor,
+    positive_embeddings: Tensor,
+    *,
+    temperature: float = 0.1,
+    normalize: bool = True,
+    chunk_size: int | None = None,
 ) -> Tensor:
     r"""InfoNCE over two views, the NT-Xent loss of SimCLR (Chen et al., ICML 2020; van den Oord et al.
     2018, "Representation Learning with Contrastive Predictive Coding").
@@ -258,16 +369,26 @@ def info_nce_loss(
         positive_embeddings: ``[N, D]`` second view; row ``i`` is the positive of row ``i``.
         temperature: :math:`\tau > 0`.
         normalize: L2-normalize the rows first.
+        chunk_size: ``None`` (default) builds the whole ``[2N, 2N]`` similarity matrix; an integer walks
+            over that many anchor rows at a time (memory :math:`O(\text{chunk} \cdot N)`, the gradient
+            computed in the forward pass; eager only, no double backward). Same result up to rounding.
 
     >>> views = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     >>> info_nce_loss(views, views, temperature=1.0)  # -log(e / (e + 2))
     tensor(0.5514)
+    >>> info_nce_loss(views, views, temperature=1.0, chunk_size=1)
+    tensor(0.5514)
     """
-    return _info_nce(embeddings, positive_embeddings, temperature, normalize, with_metrics=False)[0]
+    return _info_nce(embeddings, positive_embeddings, temperature, normalize, False, chunk_size)[0]
 
 
 def info_nce_loss_with_metrics(
-    embeddings: Tensor, positive_embeddings: Tensor, *, temperature: float = 0.1, normalize: bool = True
+    embeddings: Tensor,
+    positive_embeddings: Tensor,
+    *,
+    temperature: float = 0.1,
+    normalize: bool = True,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`info_nce_loss` and its detached metrics: ``accuracy`` (share of anchors whose most
     similar other row is their positive), ``mean_positive_similarity`` and ``mean_negative_similarity``
@@ -277,7 +398,7 @@ def info_nce_loss_with_metrics(
     >>> info_nce_loss_with_metrics(views, views)[1]["accuracy"]
     tensor(1.)
     """
-    return _info_nce(embeddings, positive_embeddings, temperature, normalize, with_metrics=True)
+    return _info_nce(embeddings, positive_embeddings, temperature, normalize, True, chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -286,12 +407,18 @@ def info_nce_loss_with_metrics(
 
 
 def _supervised_contrastive(
-    embeddings: Tensor, target: Tensor, temperature: float, normalize: bool, with_metrics: bool
+    embeddings: Tensor,
+    target: Tensor,
+    temperature: float,
+    normalize: bool,
+    with_metrics: bool,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     check_floating("embeddings", embeddings)
     check_ndim("embeddings", embeddings, (2, 3))
     _check_labels("target", target, "embeddings", embeddings)
     check_positive("temperature", temperature)
+    _check_chunk_size(chunk_size)
 
     dtype = compute_dtype(embeddings)
     num_views = embeddings.shape[1] if embeddings.ndim == 3 else 1
@@ -302,6 +429,21 @@ def _supervised_contrastive(
         keys = ("anchors_with_positives", "mean_positive_similarity", "mean_negative_similarity")
         return loss, (dict.fromkeys(keys, loss.detach()) if with_metrics else {})
 
+    if chunk_size is not None:
+        if normalize:
+            z = F.normalize(z, dim=-1)
+        loss, positive_sum, negative_sum, num_positives, _ = _chunked(z, labels, temperature, chunk_size)
+        if not with_metrics:
+            return loss, {}
+        num_pairs = len(z) * (len(z) - 1)
+        total_positives = num_positives.sum()
+        return loss, {
+            "anchors_with_positives": (num_positives > 0).to(dtype).mean(),
+            "mean_positive_similarity": divide_by_count(positive_sum.sum() * temperature, total_positives),
+            "mean_negative_similarity": divide_by_count(
+                negative_sum.sum() * temperature, num_pairs - total_positives
+            ),
+        }
     z, logits, not_self = _similarity_logits(z, temperature, normalize)
     positives = (labels[:, None] == labels[None, :]) & not_self
     num_positives = positives.sum(dim=1)
@@ -330,7 +472,12 @@ def _supervised_contrastive(
 
 
 def supervised_contrastive_loss(
-    embeddings: Tensor, target: Tensor, *, temperature: float = 0.1, normalize: bool = True
+    embeddings: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    normalize: bool = True,
+    chunk_size: int | None = None,
 ) -> Tensor:
     r"""Supervised contrastive loss, the :math:`\mathcal L^{sup}_{out}` form of Khosla et al.,
     "Supervised Contrastive Learning", NeurIPS 2020.
@@ -354,16 +501,27 @@ def supervised_contrastive_loss(
         target: ``[N]`` integer class labels (any values; only equality matters).
         temperature: :math:`\tau > 0`.
         normalize: L2-normalize the rows first.
+        chunk_size: ``None`` (default) builds the whole ``[M, M]`` similarity matrix; an integer walks
+            over that many anchor rows at a time: memory :math:`O(\text{chunk} \cdot M + M D)`
+            instead of several ``[M, M]`` tensors, the gradient computed in the forward pass (eager only,
+            no double backward). Same result up to rounding.
 
     >>> embeddings = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     >>> supervised_contrastive_loss(embeddings, torch.tensor([0, 0, 1]), temperature=1.0)  # log(1 + e⁻¹)
     tensor(0.3133)
+    >>> supervised_contrastive_loss(embeddings, torch.tensor([0, 0, 1]), temperature=1.0, chunk_size=2)
+    tensor(0.3133)
     """
-    return _supervised_contrastive(embeddings, target, temperature, normalize, with_metrics=False)[0]
+    return _supervised_contrastive(embeddings, target, temperature, normalize, False, chunk_size)[0]
 
 
 def supervised_contrastive_loss_with_metrics(
-    embeddings: Tensor, target: Tensor, *, temperature: float = 0.1, normalize: bool = True
+    embeddings: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 0.1,
+    normalize: bool = True,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`supervised_contrastive_loss` and its detached metrics: ``anchors_with_positives`` (the
     share of anchors that count), ``mean_positive_similarity`` and ``mean_negative_similarity``
@@ -374,4 +532,4 @@ def supervised_contrastive_loss_with_metrics(
     >>> metrics["anchors_with_positives"], metrics["mean_negative_similarity"]
     (tensor(0.6667), tensor(0.))
     """
-    return _supervised_contrastive(embeddings, target, temperature, normalize, with_metrics=True)
+    return _supervised_contrastive(embeddings, target, temperature, normalize, True, chunk_size)

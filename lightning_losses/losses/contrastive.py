@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_losses.functional.contrastive import (
+    _check_chunk_size,
     contrastive_loss_with_metrics,
     info_nce_loss_with_metrics,
     supervised_contrastive_loss_with_metrics,
@@ -71,6 +72,9 @@ class InfoNCELoss(LossFunction):
     Args:
         temperature: τ > 0 dividing the similarities.
         normalize: L2-normalize the embeddings first (cosine similarity); ``False`` uses dot products.
+        chunk_size: ``None`` builds the whole similarity matrix; an integer walks over that many anchor
+            rows at a time (memory O(chunk × batch) instead of several [batch, batch] matrices; the
+            gradient is computed in the forward pass). Same result up to rounding.
 
     Inputs: ``embeddings [N, D]`` and ``positive_embeddings [N, D]`` (row ``i`` of each is a view of
     the same sample).
@@ -84,20 +88,28 @@ class InfoNCELoss(LossFunction):
     (tensor(0.5514), tensor(1.))
     """
 
-    def __init__(self, temperature: float = 0.1, normalize: bool = True) -> None:
+    def __init__(
+        self, temperature: float = 0.1, normalize: bool = True, chunk_size: int | None = None
+    ) -> None:
         super().__init__()
         check_positive("temperature", temperature)
+        _check_chunk_size(chunk_size)
         self.temperature = temperature
         self.normalize = normalize
+        self.chunk_size = chunk_size
 
     def forward(self, embeddings: Tensor, positive_embeddings: Tensor) -> LossOutput:
         loss, metrics = info_nce_loss_with_metrics(
-            embeddings, positive_embeddings, temperature=self.temperature, normalize=self.normalize
+            embeddings,
+            positive_embeddings,
+            temperature=self.temperature,
+            normalize=self.normalize,
+            chunk_size=self.chunk_size,
         )
         return LossOutput(loss, {"loss": loss.detach(), **metrics})
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, normalize={self.normalize}"
+        return f"temperature={self.temperature}, normalize={self.normalize}, chunk_size={self.chunk_size}"
 
 
 @register_loss("supcon")
@@ -111,6 +123,9 @@ class SupConLoss(LossFunction):
     Args:
         temperature: τ > 0 dividing the similarities.
         normalize: L2-normalize the embeddings first (cosine similarity); ``False`` uses dot products.
+        chunk_size: ``None`` builds the whole similarity matrix; an integer walks over that many anchor
+            rows at a time (memory O(chunk × batch) instead of several [batch, batch] matrices; the
+            gradient is computed in the forward pass). Same result up to rounding.
 
     Inputs: ``embeddings [N, D]`` or ``[N, V, D]`` (``V`` views) and ``target [N]`` integer labels.
     Metrics: ``loss``, ``anchors_with_positives``, ``mean_positive_similarity``,
@@ -122,17 +137,25 @@ class SupConLoss(LossFunction):
     tensor(0.3133)
     """
 
-    def __init__(self, temperature: float = 0.1, normalize: bool = True) -> None:
+    def __init__(
+        self, temperature: float = 0.1, normalize: bool = True, chunk_size: int | None = None
+    ) -> None:
         super().__init__()
         check_positive("temperature", temperature)
+        _check_chunk_size(chunk_size)
         self.temperature = temperature
         self.normalize = normalize
+        self.chunk_size = chunk_size
 
     def forward(self, embeddings: Tensor, target: Tensor) -> LossOutput:
         loss, metrics = supervised_contrastive_loss_with_metrics(
-            embeddings, target, temperature=self.temperature, normalize=self.normalize
+            embeddings,
+            target,
+            temperature=self.temperature,
+            normalize=self.normalize,
+            chunk_size=self.chunk_size,
         )
         return LossOutput(loss, {"loss": loss.detach(), **metrics})
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, normalize={self.normalize}"
+        return f"temperature={self.temperature}, normalize={self.normalize}, chunk_size={self.chunk_size}"

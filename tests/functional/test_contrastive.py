@@ -155,6 +155,32 @@ class TestSupCon(LossTester):
         return brute_force_supcon(embeddings, target, **options)
 
 
+class TestInfoNCEChunked(TestInfoNCE):
+    """The chunked path (a custom autograd function) against the same brute-force reference."""
+
+    option_sets = [
+        {"chunk_size": 1},
+        {"temperature": 0.5, "chunk_size": 5},
+        {"normalize": False, "chunk_size": 64},
+    ]
+
+    def reference(self, embeddings, positive_embeddings, chunk_size, **options):
+        return brute_force_info_nce(embeddings, positive_embeddings, **options)
+
+
+class TestSupConChunked(TestSupCon):
+    """The chunked path against the same brute-force reference (chunks of 1 row, uneven, one whole)."""
+
+    option_sets = [
+        {"chunk_size": 3},
+        {"temperature": 0.5, "chunk_size": 1},
+        {"temperature": 0.2, "normalize": False, "chunk_size": 100},
+    ]
+
+    def reference(self, embeddings, target, chunk_size, **options):
+        return brute_force_supcon(embeddings, target, **options)
+
+
 # ----------------------------------------------------------------------------------------------------
 # ContrastiveLoss
 # ----------------------------------------------------------------------------------------------------
@@ -334,6 +360,156 @@ def test_supcon_metrics():
         metrics["mean_negative_similarity"], torch.tensor(-1.0 / 5, dtype=torch.float64)
     )
     assert metrics["anchors_with_positives"].item() == 0.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# the chunked path of SupCon and InfoNCE against the whole-matrix path
+# ----------------------------------------------------------------------------------------------------
+
+
+def _loss_grad_metrics(fn, x, *args, **kwargs):
+    x = x.detach().requires_grad_()
+    loss, metrics = fn(x, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad, metrics
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("shape", [(97, 16), (40, 3, 16)], ids=["2d", "3views"])
+@pytest.mark.parametrize("chunk_size", [1, 13, 64, 4096])
+def test_supcon_chunked_equals_whole_matrix(dtype, rtol, normalize, shape, chunk_size):
+    g = torch.Generator().manual_seed(chunk_size)
+    x = torch.randn(*shape, generator=g, dtype=dtype)
+    target = torch.randint(0, 12, (shape[0],), generator=g)
+    target[-1] = 1000  # alone in the 2-D case: an anchor without positives
+    options = {"temperature": 0.2, "normalize": normalize}
+    whole = _loss_grad_metrics(supervised_contrastive_loss_with_metrics, x, target, **options)
+    chunked = _loss_grad_metrics(
+        supervised_contrastive_loss_with_metrics, x, target, chunk_size=chunk_size, **options
+    )
+    torch.testing.assert_close(chunked[0], whole[0], rtol=rtol, atol=rtol)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=rtol, atol=rtol * whole[1].abs().max().item())
+    assert chunked[2].keys() == whole[2].keys()
+    for key, value in whole[2].items():
+        torch.testing.assert_close(chunked[2][key], value, rtol=rtol, atol=rtol, msg=key)
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_info_nce_chunked_equals_whole_matrix(dtype, rtol, chunk_size):
+    g = torch.Generator().manual_seed(chunk_size)
+    a = torch.randn(50, 8, generator=g, dtype=dtype)
+    b = (a + 0.5 * torch.randn(50, 8, generator=g, dtype=dtype)).requires_grad_()
+    whole = _loss_grad_metrics(info_nce_loss_with_metrics, a, b, temperature=0.1)
+    chunked = _loss_grad_metrics(info_nce_loss_with_metrics, a, b, temperature=0.1, chunk_size=chunk_size)
+    torch.testing.assert_close(chunked[0], whole[0], rtol=rtol, atol=rtol)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=rtol, atol=rtol * whole[1].abs().max().item())
+    assert 0 < whole[2]["accuracy"] < 1  # the accuracy metric is not trivially equal
+    for key, value in whole[2].items():
+        torch.testing.assert_close(chunked[2][key], value, rtol=rtol, atol=rtol, msg=key)
+
+
+def test_supcon_chunked_gradient_of_both_views_reaches_positive_embeddings():
+    """InfoNCE's chunked gradient flows into both inputs (the second view through the concatenation)."""
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    assert torch.autograd.gradcheck(lambda a, b: info_nce_loss(a, b, temperature=0.4, chunk_size=4), (a, b))
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (1, 4), (1, 1, 4)])
+def test_supcon_chunked_without_positive_pairs_is_exactly_zero_with_zero_gradient(shape):
+    x = torch.randn(*shape, requires_grad=True)
+    loss, metrics = SupConLoss(chunk_size=2)(x, torch.arange(shape[0]))
+    loss.backward()
+    assert loss.item() == 0.0 and metrics["anchors_with_positives"].item() == 0.0
+    assert x.grad is not None and torch.count_nonzero(x.grad) == 0
+
+
+def test_supcon_chunked_scales_by_the_incoming_gradient_and_retains_graph():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20, 8, generator=g, requires_grad=True)
+    target = torch.randint(0, 4, (20,), generator=g)
+    loss = supervised_contrastive_loss(x, target, chunk_size=6)
+    (once,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (tripled,) = torch.autograd.grad(3 * loss, x)  # the stored gradient is not consumed or scaled in place
+    torch.testing.assert_close(tripled, 3 * once)
+    (reference,) = torch.autograd.grad(supervised_contrastive_loss(x, target), x)
+    torch.testing.assert_close(once, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_supcon_chunked_large_logits_stay_finite():
+    x = (torch.randn(16, 4) * 1e3).requires_grad_()
+    loss = supervised_contrastive_loss(
+        x, torch.arange(16) % 3, temperature=0.01, normalize=False, chunk_size=5
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+def test_supcon_chunked_without_grad_computes_no_gradient():
+    x = torch.randn(12, 4)
+    target = torch.arange(12) % 3
+    with torch.no_grad():
+        chunked = supervised_contrastive_loss(x.requires_grad_(), target, chunk_size=5)
+    assert not chunked.requires_grad
+    torch.testing.assert_close(chunked, supervised_contrastive_loss(x.detach(), target))
+
+
+def test_supcon_chunked_module_and_registry():
+    loss_fn = build_loss({"name": "supcon", "params": {"temperature": 0.3, "chunk_size": 4}})
+    assert isinstance(loss_fn, SupConLoss) and loss_fn.chunk_size == 4 and "chunk_size=4" in repr(loss_fn)
+    g = torch.Generator().manual_seed(8)
+    x, target = torch.randn(10, 2, 6, generator=g), torch.randint(0, 3, (10,), generator=g)
+    chunked, whole = loss_fn(x, target), SupConLoss(temperature=0.3)(x, target)
+    torch.testing.assert_close(chunked.loss, whole.loss)
+    assert chunked.metrics.keys() == whole.metrics.keys()
+    assert all(v.ndim == 0 and not v.requires_grad for v in chunked.metrics.values())
+    assert InfoNCELoss(chunk_size=3).chunk_size == 3
+
+
+@pytest.mark.parametrize("chunk_size", [0, -2, 2.5, True, "4"])
+@pytest.mark.parametrize("fn", [supervised_contrastive_loss, info_nce_loss])
+def test_bad_chunk_size(fn, chunk_size):
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="`chunk_size` must be a positive integer"):
+        fn(
+            x,
+            torch.zeros(4, dtype=torch.long) if fn is supervised_contrastive_loss else x,
+            chunk_size=chunk_size,
+        )
+    with pytest.raises(ValueError, match="`chunk_size`"):
+        SupConLoss(chunk_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True) of the whole-matrix path
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_supcon_has_no_graph_break(normalize):
+    """``torch._dynamo.explain`` traces without compiling (cheap): one graph, no break."""
+    x = torch.randn(8, 2, 5, requires_grad=True)
+    target = torch.tensor([0, 1, 0, 2, 1, 3, 2, 0])
+    explanation = torch._dynamo.explain(SupConLoss(temperature=0.2, normalize=normalize))(x, target)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
+@pytest.mark.slow  # an inductor C++ build: about 8 s on a loaded 2-core CPU
+def test_supcon_compiled_fullgraph_equals_eager():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(8, 2, 5, generator=g)
+    target = torch.tensor([0, 1, 0, 2, 1, 3, 2, 0])
+    loss_fn = SupConLoss(temperature=0.2)
+    eager = _loss_grad_metrics(lambda x, t: loss_fn(x, t), x, target)
+    compiled_fn = torch.compile(loss_fn, fullgraph=True)
+    compiled = _loss_grad_metrics(lambda x, t: compiled_fn(x, t), x, target)
+    torch.testing.assert_close(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1])
+    for key, value in eager[2].items():
+        torch.testing.assert_close(compiled[2][key], value, msg=key)
 
 
 # ----------------------------------------------------------------------------------------------------
