@@ -1,0 +1,114 @@
+"""Reference implementations the benchmark compares the library's losses with: what a user would write
+or pick instead. Plain torch, each a function of the same inputs returning the scalar loss.
+
+>>> logits, target = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+>>> softmax_focal(logits, target, gamma=0.0).allclose(F.cross_entropy(logits, target))
+True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "info_nce_cross_entropy",
+    "kl_div_composition",
+    "pml_available",
+    "pml_contrastive",
+    "pml_ntxent",
+    "pml_supcon",
+    "sigmoid_focal",
+    "softmax_focal",
+]
+
+
+def sigmoid_focal(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    r"""torchvision's ``sigmoid_focal_loss`` (``reduction="mean"``) written out, as in
+    ``torchvision/ops/focal_loss.py``: :math:`\alpha_t (1-p_t)^\gamma\,\mathrm{BCE}(x, t)`, mean over
+    elements. ``logits``, ``target``: ``[N, C]``.
+
+    >>> sigmoid_focal(torch.zeros(1, 1), torch.ones(1, 1), gamma=0.0, alpha=0.25)  # 0.25 · log 2
+    tensor(0.1733)
+    """
+    p = torch.sigmoid(logits)
+    ce_loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        alpha_t = alpha * target + (1 - alpha) * (1 - target)
+        loss = alpha_t * loss
+    return loss.mean()
+
+
+def softmax_focal(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
+    r"""The straightforward multiclass focal loss: :math:`-(1-p_t)^\gamma \log p_t`, mean over rows.
+    ``logits [N, C]``, ``target [N]``."""
+    log_p_t = F.log_softmax(logits, dim=-1).gather(-1, target[:, None]).squeeze(-1)
+    return (-((1 - log_p_t.exp()) ** gamma) * log_p_t).mean()
+
+
+def kl_div_composition(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    r""":math:`T^2\,\mathrm{KL}(\mathrm{softmax}(t/T)\,\|\,\mathrm{softmax}(s/T))`, mean over rows, by
+    ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction="batchmean")``."""
+    return (
+        F.kl_div(
+            F.log_softmax(logits / temperature, dim=-1),
+            F.log_softmax(teacher_logits / temperature, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
+
+
+def info_nce_cross_entropy(embeddings: Tensor, positive_embeddings: Tensor, temperature: float) -> Tensor:
+    """SimCLR's NT-Xent as usually written: cosine similarities of both views ``[2N, 2N]``, the diagonal
+    masked out, ``F.cross_entropy`` against the other view's index."""
+    z = F.normalize(torch.cat([embeddings, positive_embeddings]), dim=-1)
+    n = len(embeddings)
+    logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
+    labels = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    return F.cross_entropy(logits, labels)
+
+
+def pml_available() -> bool:
+    """Whether pytorch-metric-learning (a benchmark-only dependency) is installed."""
+    try:
+        import pytorch_metric_learning  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pml_contrastive(margin: float, *, squared: bool = False, positive_only: bool = False) -> torch.nn.Module:
+    """pytorch-metric-learning's ``ContrastiveLoss`` on raw (unnormalized) Euclidean distances with a mean
+    over all pairs: ``relu(d - 0) + relu(m - d)``, each term averaged over its pairs (PML's defaults
+    instead normalize the embeddings and average over the non-zero terms only). ``squared`` uses
+    :math:`d^2` for both terms; ``positive_only`` sets the negative margin to 0 (the negative term is then
+    0), leaving :math:`\\mathrm{mean}_{\\mathcal P}\\, d^2` with ``squared``: the library's positive term.
+    """
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.losses import ContrastiveLoss
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    distance = LpDistance(normalize_embeddings=False, p=2, power=2 if squared else 1)
+    neg_margin = 0.0 if positive_only else margin
+    return ContrastiveLoss(pos_margin=0.0, neg_margin=neg_margin, distance=distance, reducer=MeanReducer())
+
+
+def pml_supcon(temperature: float) -> torch.nn.Module:
+    """pytorch-metric-learning's ``SupConLoss`` (cosine similarity, mean over anchors with a non-zero
+    loss)."""
+    from pytorch_metric_learning.losses import SupConLoss
+
+    return SupConLoss(temperature=temperature)
+
+
+def pml_ntxent(temperature: float) -> torch.nn.Module:
+    """pytorch-metric-learning's ``NTXentLoss``; call it on both views stacked, labels
+    ``cat([arange(N), arange(N)])``."""
+    from pytorch_metric_learning.losses import NTXentLoss
+
+    return NTXentLoss(temperature=temperature)
