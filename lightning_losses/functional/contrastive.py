@@ -108,7 +108,7 @@ def pairwise_squared_distances(embeddings: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_chunk_size(chunk_size: int | None) -> None:
+def check_chunk_size(chunk_size: int | None) -> None:
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -300,7 +300,7 @@ def _info_nce(
     check_ndim("embeddings", embeddings, 2)
     check_same_shape("embeddings", embeddings, "positive_embeddings", positive_embeddings)
     check_positive("temperature", temperature)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
 
     dtype = compute_dtype(embeddings, positive_embeddings)
     z = torch.cat([embeddings.to(dtype), positive_embeddings.to(dtype)])
@@ -418,7 +418,7 @@ def _supervised_contrastive(
     check_ndim("embeddings", embeddings, (2, 3))
     _check_labels("target", target, "embeddings", embeddings)
     check_positive("temperature", temperature)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
 
     dtype = compute_dtype(embeddings)
     num_views = embeddings.shape[1] if embeddings.ndim == 3 else 1

@@ -299,7 +299,7 @@ def clipped_pg_loss(
         # -E_π[log π] estimated from samples of π_old by importance weighting
         approx_entropy = token_share(-ratio * logprobs)
         if sample_mask is None:
-            num_valid_samples = torch.tensor(float(batch), dtype=dtype, device=device)
+            num_valid_samples = torch.full((), float(batch), dtype=dtype, device=device)  # no host copy
         else:
             num_valid_samples = sample_mask.to(dtype).sum()
     return ClippedPGTerms(loss, probs_ratio, clip_fraction, kl_metric, approx_entropy, num_valid_samples)

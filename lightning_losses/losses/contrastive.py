@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_losses.functional.contrastive import (
-    _check_chunk_size,
+    check_chunk_size,
     contrastive_loss_with_metrics,
     info_nce_loss_with_metrics,
     supervised_contrastive_loss_with_metrics,
@@ -93,7 +93,7 @@ class InfoNCELoss(LossFunction):
     ) -> None:
         super().__init__()
         check_positive("temperature", temperature)
-        _check_chunk_size(chunk_size)
+        check_chunk_size(chunk_size)
         self.temperature = temperature
         self.normalize = normalize
         self.chunk_size = chunk_size
@@ -142,7 +142,7 @@ class SupConLoss(LossFunction):
     ) -> None:
         super().__init__()
         check_positive("temperature", temperature)
-        _check_chunk_size(chunk_size)
+        check_chunk_size(chunk_size)
         self.temperature = temperature
         self.normalize = normalize
         self.chunk_size = chunk_size
