@@ -55,14 +55,19 @@ class Binding:
                 f"the rename map names {sorted(unknown)}, which are not parameters of "
                 f"{self.name}; its parameters are {[p.name for p in params]}"
             )
-
-    @property
-    def names(self) -> list[str]:
-        return [p.name for p in self.parameters]
-
-    @property
-    def required(self) -> list[str]:
-        return [p.name for p in self.parameters if p.default is inspect.Parameter.empty]
+        self.names = [p.name for p in params]
+        self.required = [p.name for p in params if p.default is inspect.Parameter.empty]
+        # what `bind` needs of each parameter, worked out once: it runs every training step
+        self._plan = [
+            (
+                p.name,
+                self.source_key(p.name),
+                p.name in self.rename,
+                p.kind is inspect.Parameter.POSITIONAL_ONLY,
+                p.default is not inspect.Parameter.empty,
+            )
+            for p in params
+        ]
 
     def source_key(self, name: str) -> str:
         return self.rename.get(name, name)
@@ -83,23 +88,22 @@ class Binding:
         special = special or {}
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
-        for param in self.parameters:
-            if param.name in special and param.name not in self.rename:
-                value = special[param.name]
+        for name, key, renamed, positional, optional in self._plan:
+            if name in special and not renamed:
+                value = special[name]
             else:
-                key = self.source_key(param.name)
                 for source in sources:
                     if key in source:
                         value = source[key]
                         break
                 else:
-                    if missing_ok or param.default is not inspect.Parameter.empty:
+                    if missing_ok or optional:
                         continue
-                    raise self.missing_error(param.name, sources, source_names, special)
-            if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+                    raise self.missing_error(name, sources, source_names, special)
+            if positional:
                 args.append(value)
             else:
-                kwargs[param.name] = value
+                kwargs[name] = value
         return args, kwargs
 
     def missing_error(

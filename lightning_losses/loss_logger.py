@@ -113,21 +113,21 @@ class LossLogger(nn.Module):
         weights = weights or {}
         aggregator = self[stage]
         updated = aggregator.update(metrics, {k: weights.get(k, default_weight) for k in metrics})
-        path = self._attribute_path(module)
+        path = f"{self._attribute_path(module)}.{self._attribute_of[stage]}"
+        epoch = (id(module.trainer), module.current_epoch) if stage == "train" else None
         for key, metric in updated.items():
-            attribute = f"{path}.{self._attribute_of[stage]}.{aggregator.attribute(key)}"
             shown = key == self.prog_bar
             if stage == "train":
                 module.log(f"train/{key}", metrics[key], on_step=True, on_epoch=False, prog_bar=shown)
                 # The epoch mean is a Metric object Lightning keeps a reference to until the epoch ends:
                 # logging it once per epoch suffices, and each `self.log` costs ~0.2 ms of a training step.
-                epoch = (id(module.trainer), module.current_epoch)
                 if self._train_epoch_logged.get(key) == epoch:
                     continue
                 self._train_epoch_logged[key] = epoch
                 name, shown = f"train/{key}_epoch", False
             else:
                 name = f"{stage}/{key}"
+            attribute = f"{path}.{aggregator.attribute(key)}"
             module.log(name, metric, on_step=False, on_epoch=True, metric_attribute=attribute, prog_bar=shown)
 
     def _attribute_path(self, module: pl.LightningModule) -> str:
