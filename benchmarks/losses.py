@@ -144,7 +144,7 @@ def _logit_cases(loss: str, sizes: Sequence[tuple[int, int]], device: str) -> li
                     "F.cross_entropy",
                     lambda x: F.cross_entropy(x["logits"], x["target"]),
                     True,
-                    note="ours adds: target-range check (CPU only), accuracy metric (argmax)",
+                    note="ours: fused (one [N, C] tensor: the gradient); range check (CPU), argmax accuracy",
                 )
             ]
         elif loss == "focal_multiclass":
@@ -156,7 +156,7 @@ def _logit_cases(loss: str, sizes: Sequence[tuple[int, int]], device: str) -> li
                     "softmax focal (plain torch)",
                     lambda x: ref.softmax_focal(x["logits"], x["target"]),
                     True,
-                    note="ours: exact log(1-p_t) by a logsumexp over a [N, C] copy, NaN-safe where-masks",
+                    note="ours: fused, exact log(1-p_t) per block of rows; one [N, C] tensor (the gradient)",
                 )
             ]
         elif loss == "focal_sigmoid":
@@ -170,7 +170,10 @@ def _logit_cases(loss: str, sizes: Sequence[tuple[int, int]], device: str) -> li
                     "torchvision sigmoid_focal_loss formula",
                     lambda x: ref.sigmoid_focal(x["logits"], x["multilabel"]),
                     True,
-                    note="ours: log-space p_t and 1-p_t (2 logsigmoid, log t, log1p(-t), 2 logaddexp)",
+                    note=(
+                        "ours: ~2x its elementwise ops (bool where-masks ~4 ns/elem, metrics, recompute in "
+                        "backward); its [N, C] temporaries are < 32 MiB: reused heap, no page faults"
+                    ),
                 )
             ]
         elif loss == "kl_divergence":
@@ -186,7 +189,7 @@ def _logit_cases(loss: str, sizes: Sequence[tuple[int, int]], device: str) -> li
                     "F.kl_div composition",
                     lambda x: ref.kl_div_composition(x["logits"], x["teacher_logits"], 4.0),
                     True,
-                    note="ours: NaN-safe 0·log 0 (isneginf + where over [N, V]), fp32, metrics",
+                    note="ours: fused forward KL per block of rows; one [N, V] tensor (the gradient)",
                 ),
                 Reference(
                     "guide KLDivergenceLoss",
@@ -288,7 +291,7 @@ def _embedding_cases(loss: str, batches: Sequence[int], dim: int, device: str) -
                     "F.cross_entropy form",
                     lambda x: ref.info_nce_cross_entropy(x["embeddings"], x["positive_embeddings"], 0.1),
                     True,
-                    note="ours adds metrics (accuracy, mean similarities) over [2N, 2N]",
+                    note="small N: ours pays fixed per-call costs (input checks, metrics from [2N, D] sums)",
                 ),
                 Reference(
                     "pml NTXentLoss",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_losses.functional.cross_entropy import per_row_cross_entropy
 from lightning_losses.protocol import (
     check_floating,
     check_ndim,
@@ -188,16 +189,91 @@ def _chunked(
 # ----------------------------------------------------------------------------------------------------
 
 
+def _contrastive_chunk(
+    centred: Tensor,
+    squared_norms: Tensor,
+    target: Tensor,
+    start: int,
+    stop: int,
+    margin: float,
+) -> Tensor:
+    """The pair sums of anchor rows ``start:stop`` against every row, stacked: ``[Σ_P d², Σ_N hinge²,
+    Σ_P d, Σ_N d]`` (the whole-matrix path's terms, from the same centred Gram matrix)."""
+    gram = centred[start:stop] @ centred.T  # [c, N]
+    squared = (squared_norms[start:stop, None] + squared_norms[None, :] - 2 * gram).clamp(min=0)
+    same_label = target[start:stop, None] == target[None, :]
+    positive_pairs = same_label.clone()
+    positive_pairs.diagonal(offset=start).fill_(False)  # not the anchor itself
+    negative_pairs = ~same_label
+    distances = safe_sqrt(squared)
+    hinge = F.relu(margin - distances).pow(2)
+    return torch.stack(
+        [
+            torch.where(positive_pairs, squared, 0.0).sum(),
+            torch.where(negative_pairs, hinge, 0.0).sum(),
+            torch.where(positive_pairs, distances, 0.0).sum().detach(),
+            torch.where(negative_pairs, distances, 0.0).sum().detach(),
+        ]
+    )
+
+
+def _contrastive_chunked(
+    x: Tensor, target: Tensor, margin: float, chunk_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""The whole-matrix sums of :func:`_contrastive`, ``chunk_size`` anchor rows at a time, each chunk
+    under activation checkpointing (its ``[chunk, N]`` tensors are recomputed in backward, not kept):
+    memory :math:`O(\text{chunk} \cdot N + N D)`."""
+    from torch.utils.checkpoint import checkpoint
+
+    centred = x - x.mean(dim=0, keepdim=True)
+    squared_norms = centred.square().sum(-1)
+    num_rows = len(x)
+    step = max(1, min(chunk_size, num_rows))
+    sums = x.new_zeros(4)
+    num_same = torch.zeros((), dtype=torch.long, device=x.device)  # same-label pairs, the diagonal too
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        sums = sums + checkpoint(
+            _contrastive_chunk, centred, squared_norms, target, start, stop, margin, use_reentrant=False
+        )
+        num_same += (target[start:stop, None] == target[None, :]).sum()
+    num_positive = num_same - num_rows
+    num_negative = num_rows * num_rows - num_same
+    return sums[0], sums[1], sums[2], sums[3], num_positive, num_negative
+
+
 def _contrastive(
-    embeddings: Tensor, target: Tensor, margin: float, negative_weight: float, with_metrics: bool
+    embeddings: Tensor,
+    target: Tensor,
+    margin: float,
+    negative_weight: float,
+    with_metrics: bool,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     check_floating("embeddings", embeddings)
     check_ndim("embeddings", embeddings, 2)
     _check_labels("target", target, "embeddings", embeddings)
     check_positive("margin", margin)
     check_positive("negative_weight", negative_weight, allow_zero=True)
+    check_chunk_size(chunk_size)
 
     x = embeddings.to(compute_dtype(embeddings))
+    if chunk_size is not None:
+        positive_total, hinge_total, positive_distance, negative_distance, num_positive, num_negative = (
+            _contrastive_chunked(x, target, margin, chunk_size)
+        )
+        positive_loss = divide_by_count(positive_total, num_positive)
+        negative_loss = divide_by_count(hinge_total, num_negative)
+        loss = positive_loss + negative_weight * negative_loss
+        if not with_metrics:
+            return loss, {}
+        return loss, {
+            "contrastive_loss": loss.detach(),
+            "positive_loss": positive_loss.detach(),
+            "negative_loss": negative_loss.detach(),
+            "mean_positive_distance": divide_by_count(positive_distance.detach(), num_positive),
+            "mean_negative_distance": divide_by_count(negative_distance.detach(), num_negative),
+        }
     squared = pairwise_squared_distances(x)
     same_label = target[:, None] == target[None, :]
     not_self = ~torch.eye(len(target), dtype=torch.bool, device=target.device)
@@ -229,7 +305,12 @@ def _contrastive(
 
 
 def contrastive_loss(
-    embeddings: Tensor, target: Tensor, *, margin: float = 1.0, negative_weight: float = 1.0
+    embeddings: Tensor,
+    target: Tensor,
+    *,
+    margin: float = 1.0,
+    negative_weight: float = 1.0,
+    chunk_size: int | None = None,
 ) -> Tensor:
     r"""Margin contrastive loss over all pairs of a batch (Hadsell, Chopra & LeCun, CVPR 2006).
 
@@ -251,16 +332,27 @@ def contrastive_loss(
         target: ``[N]`` integer class labels (any values; only equality matters).
         margin: :math:`m > 0`, the distance beyond which negative pairs cost nothing.
         negative_weight: :math:`w_- \ge 0`, the weight of the negative term.
+        chunk_size: ``None`` (default) builds the whole ``[N, N]`` distance matrix; an integer walks over
+            that many anchor rows at a time under activation checkpointing (memory
+            :math:`O(\text{chunk} \cdot N + N D)`; backward recomputes each chunk). Same result up to
+            rounding.
 
     >>> embeddings = torch.tensor([[0.0, 0.0], [0.5, 0.0], [2.0, 0.0]])
     >>> contrastive_loss(embeddings, torch.tensor([0, 0, 1]), margin=2.0)  # 0.5² + (0² + 0.5²) / 2
     tensor(0.3750)
+    >>> contrastive_loss(embeddings, torch.tensor([0, 0, 1]), margin=2.0, chunk_size=2)
+    tensor(0.3750)
     """
-    return _contrastive(embeddings, target, margin, negative_weight, with_metrics=False)[0]
+    return _contrastive(embeddings, target, margin, negative_weight, False, chunk_size)[0]
 
 
 def contrastive_loss_with_metrics(
-    embeddings: Tensor, target: Tensor, *, margin: float = 1.0, negative_weight: float = 1.0
+    embeddings: Tensor,
+    target: Tensor,
+    *,
+    margin: float = 1.0,
+    negative_weight: float = 1.0,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`contrastive_loss` and its detached metrics: ``contrastive_loss`` (the loss),
     ``positive_loss``, ``negative_loss`` (unweighted), ``mean_positive_distance`` and
@@ -270,7 +362,7 @@ def contrastive_loss_with_metrics(
     >>> loss, metrics["mean_negative_distance"]
     (tensor(0.), tensor(3.))
     """
-    return _contrastive(embeddings, target, margin, negative_weight, with_metrics=True)
+    return _contrastive(embeddings, target, margin, negative_weight, True, chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,25 +411,29 @@ def _info_nce(
             "mean_positive_similarity": divide_by_count(positive_sum.sum() * temperature, 2 * num_pairs),
             "mean_negative_similarity": divide_by_count(negative_sum.sum() * temperature, num_negatives),
         }
-    _, logits, not_self = _similarity_logits(z, temperature, normalize)
-    anchors = torch.arange(2 * num_pairs, device=z.device)
-    partner = (anchors + num_pairs) % (2 * num_pairs)  # view 1 ↔ view 2
-    positive_logit = logits[anchors, partner]
-    log_prob_positive = positive_logit - torch.logsumexp(logits, dim=1)
-    loss = divide_by_count(-log_prob_positive.sum(), 2 * num_pairs)
+    if num_pairs == 0:  # no anchor: 0 with a zero gradient, as the chunked path gives
+        loss = z.sum() * 0.0
+        keys = ("accuracy", "mean_positive_similarity", "mean_negative_similarity")
+        return loss, (dict.fromkeys(keys, loss.detach()) if with_metrics else {})
+    if normalize:
+        z = F.normalize(z, dim=-1)
+    # s = z z^T / τ with -inf on the diagonal, in place on the product (backward needs z, not s); the
+    # loss is the cross-entropy of each row against its partner's column, fused (no [2N, 2N] log-probs)
+    logits = torch.mm(z, z.T).div_(temperature).fill_diagonal_(float("-inf"))
+    partner = (torch.arange(2 * num_pairs, device=z.device) + num_pairs) % (2 * num_pairs)  # view 1 ↔ 2
+    per_anchor, argmax = per_row_cross_entropy(logits, partner, need_argmax=with_metrics)
+    loss = divide_by_count(per_anchor.sum(), 2 * num_pairs)
     if not with_metrics:
         return loss, {}
     with torch.no_grad():
-        is_partner = torch.zeros_like(not_self)
-        is_partner[anchors, partner] = True
-        negatives = not_self & ~is_partner
-        similarity = logits * temperature
+        # similarities z_i·z_j (not over τ) from [2N, D] sums: Σ_{i≠j} z_i·z_j = ‖Σ_i z_i‖² − Σ_i ‖z_i‖²
+        positive_sum = (z[:num_pairs] * z[num_pairs:]).sum() * 2
+        off_diagonal_sum = z.sum(0).square().sum() - z.square().sum()
+        num_negatives = 2 * num_pairs * (2 * num_pairs - 2)
         metrics = {
-            "accuracy": divide_by_count((logits.argmax(dim=1) == partner).to(dtype).sum(), 2 * num_pairs),
-            "mean_positive_similarity": divide_by_count(positive_logit.sum() * temperature, 2 * num_pairs),
-            "mean_negative_similarity": divide_by_count(
-                torch.where(negatives, similarity, 0.0).sum(), negatives.sum()
-            ),
+            "accuracy": divide_by_count((argmax == partner).to(dtype).sum(), 2 * num_pairs),
+            "mean_positive_similarity": divide_by_count(positive_sum, 2 * num_pairs),
+            "mean_negative_similarity": divide_by_count(off_diagonal_sum - positive_sum, num_negatives),
         }
     return loss, metrics
 

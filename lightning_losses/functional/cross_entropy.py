@@ -1,10 +1,22 @@
-"""Cross-entropy over the last dimension, with masks, ignore_index, label smoothing and class weights."""
+r"""Cross-entropy over the last dimension, with masks, ignore_index, label smoothing and class weights.
+
+Eager calls go through a fused autograd function: the forward keeps no ``[N, C]`` tensor (it walks over
+blocks of rows, each small enough to stay in cache, computing their logsumexp and, for the module's
+accuracy, their argmax), and the backward writes the gradient :math:`g_i(a_i\,\mathrm{softmax}(x_i) -
+b_{i,c})` straight into one ``[N, C]`` tensor. ``F.cross_entropy`` allocates three (``log_softmax``'s
+output, ``nll_loss``'s zero-filled gradient, ``log_softmax``'s gradient); on a CPU every fresh tensor of
+that size costs page faults, which is most of the time at ``[4096, 32768]``. Under ``torch.compile`` the
+plain ``F.cross_entropy`` path is traced instead (the compiler fuses it).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lightning_losses.protocol import (
     check_class_targets,
@@ -15,7 +27,37 @@ from lightning_losses.protocol import (
 )
 from lightning_losses.reduction import divide_by_count
 
-__all__ = ["cross_entropy", "valid_mask"]
+__all__ = [
+    "FUSED_MIN_BYTES",
+    "cross_entropy",
+    "cross_entropy_with_metrics",
+    "finite_or_zero",
+    "per_row_cross_entropy",
+    "row_blocks",
+    "valid_mask",
+]
+
+BLOCK_ELEMENTS = 1 << 18
+"""Elements per block of rows in the fused CPU paths (1 MiB of fp32: in L2 cache, and well below glibc's
+mmap threshold, so a block's temporaries are neither page-faulted nor evicted)."""
+
+
+FUSED_MIN_BYTES = 32 << 20
+"""Logits from this size up take the fused path in :func:`per_row_cross_entropy` (glibc's largest
+mmap threshold: a fresh tensor that large is page-faulted in; a smaller one is recycled heap memory)."""
+
+
+def row_blocks(num_rows: int, num_columns: int, device: torch.device) -> list[slice]:
+    """Slices of rows for the fused paths: blocks of about :data:`BLOCK_ELEMENTS` elements on a CPU, one
+    block (all rows) elsewhere, where each kernel launch costs more than a full-size temporary.
+
+    >>> row_blocks(5, 1 << 17, torch.device("cpu"))
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    if device.type != "cpu":
+        return [slice(0, num_rows)]
+    step = max(1, BLOCK_ELEMENTS // max(1, num_columns))
+    return [slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
 
 
 def valid_mask(
@@ -26,6 +68,161 @@ def valid_mask(
     if ignore_index is not None:
         valid = valid * (target != ignore_index)
     return valid
+
+
+def finite_or_zero(values: Tensor) -> Tensor:
+    """``values`` with ``±inf`` and NaN replaced by 0: a shift for ``exp(x - shift)`` that never makes
+    ``-inf - (-inf)``."""
+    return torch.where(torch.isfinite(values), values, 0.0)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    r"""Per-row cross-entropy of ``x [R, C]`` (float32/float64) against ``target [R]`` (in range), with
+    class weights ``w`` (ones if None) and smoothing :math:`\varepsilon`:
+    :math:`\ell_i = (1-\varepsilon) w_{y_i} (L_i - x_{i y_i}) + \tfrac{\varepsilon}{C}(L_i \sum_c w_c -
+    \sum_c w_c x_{ic})` with :math:`L_i = \operatorname{logsumexp}_c x_{ic}`, which is
+    ``F.cross_entropy(reduction="none")``. Returns ``(loss [R], argmax [R])`` (``argmax`` empty unless
+    asked for; not differentiable). Gradient: :math:`\partial \ell_i / \partial x_{ic} = a_i p_{ic} -
+    (1-\varepsilon) w_{y_i} [c = y_i] - \tfrac{\varepsilon}{C} w_c` with :math:`a_i = (1-\varepsilon)
+    w_{y_i} + \tfrac{\varepsilon}{C}\sum_c w_c`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        smoothing: float,
+        need_argmax: bool,
+    ) -> tuple[Tensor, Tensor]:
+        rows, classes = x.shape
+        lse = torch.empty(rows, dtype=x.dtype, device=x.device)
+        weighted_sum = torch.empty_like(lse) if smoothing > 0 else None
+        argmax = torch.empty(rows if need_argmax else 0, dtype=torch.long, device=x.device)
+        for block in row_blocks(rows, classes, x.device):
+            xb = x[block]
+            lse[block] = torch.logsumexp(xb, dim=-1)
+            if weighted_sum is not None:
+                weighted_sum[block] = xb.sum(-1) if weight is None else xb @ weight
+            if need_argmax:
+                argmax[block] = xb.argmax(-1)
+        x_t = x.gather(-1, target[:, None]).squeeze(-1)
+        w_t = None if weight is None else weight[target]
+        loss = lse - x_t if w_t is None else w_t * (lse - x_t)
+        if weighted_sum is not None:
+            total_weight = classes if weight is None else weight.sum()
+            loss = (1 - smoothing) * loss + (smoothing / classes) * (lse * total_weight - weighted_sum)
+        ctx.save_for_backward(x, target, lse, weight)
+        ctx.smoothing = smoothing
+        ctx.mark_non_differentiable(argmax)
+        return loss, argmax
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor, _: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        x, target, lse, weight = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        smoothing, classes = ctx.smoothing, x.shape[1]
+        w_t = 1.0 if weight is None else weight[target]
+        hard = grad_loss * (1 - smoothing) * w_t  # the one-hot part, per row
+        total_weight = classes if weight is None else weight.sum()
+        soft = grad_loss * (smoothing / classes)  # the smoothing part, per row (times w_c)
+        scale = (hard + soft * total_weight)[:, None]
+        shift = finite_or_zero(lse)[:, None]
+        grad = torch.empty_like(x)
+        for block in row_blocks(*x.shape, x.device):
+            gb = torch.sub(x[block], shift[block], out=grad[block]).exp_().mul_(scale[block])
+            if smoothing > 0:
+                if weight is None:
+                    gb.sub_(soft[block, None])
+                else:
+                    gb.addr_(soft[block], weight, alpha=-1)
+        grad.scatter_add_(-1, target[:, None], -hard[:, None].expand(-1, 1))
+        return grad, None, None, None, None
+
+
+def per_row_cross_entropy(
+    logits: Tensor, target: Tensor, need_argmax: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``(F.cross_entropy(logits, target, reduction="none"), logits.argmax(-1) or None)`` for ``[R, C]``
+    logits and in-range ``target [R]``: by the fused function for logits of :data:`FUSED_MIN_BYTES` or
+    more in eager mode, else by plain ops (under compile, or small enough that a fresh ``[R, C]`` tensor
+    costs no page faults and the plain kernels win).
+
+    >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    >>> per_row_cross_entropy(logits, torch.tensor([0, 0]), need_argmax=True)
+    (tensor([0.1269, 2.1269]), tensor([0, 1]))
+    """
+    if torch.compiler.is_compiling() or logits.numel() * logits.element_size() < FUSED_MIN_BYTES:
+        argmax = logits.detach().argmax(-1) if need_argmax else None
+        return F.cross_entropy(logits, target, reduction="none"), argmax
+    loss, argmax = _CrossEntropy.apply(logits, target, None, 0.0, need_argmax)
+    return loss, argmax if need_argmax else None
+
+
+def _check(
+    logits: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    weight: Tensor | None,
+) -> None:
+    check_floating("logits", logits)
+    check_ndim("logits", logits, (2, 3))
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"`target` must have shape {tuple(logits.shape[:-1])} (that of `logits` without its class "
+            f"dimension), got {tuple(target.shape)} with `logits` of shape {tuple(logits.shape)}"
+        )
+    num_classes = logits.shape[-1]
+    if mask is not None:
+        check_mask("mask", mask, target.shape)
+    check_class_targets("target", target, num_classes, ignore_index, mask)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"`label_smoothing` must be in [0, 1], got {label_smoothing}")
+    if weight is not None and tuple(weight.shape) != (num_classes,):
+        raise ValueError(f"`weight` must have shape ({num_classes},), got {tuple(weight.shape)}")
+
+
+def _cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    global_valid_toks: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    weight: Tensor | None,
+    need_argmax: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(loss, valid, argmax)``; ``argmax`` of the logits (shape of ``target``) only if asked for."""
+    _check(logits, target, mask, ignore_index, label_smoothing, weight)
+    num_classes = logits.shape[-1]
+    dtype = compute_dtype(logits)
+    valid = valid_mask(target, mask, ignore_index, dtype)
+    safe_target = torch.where(valid != 0, target, torch.zeros_like(target)).reshape(-1)
+    flat_logits = logits.reshape(-1, num_classes).to(dtype)
+    class_weight = None if weight is None else weight.to(device=logits.device, dtype=dtype)
+    argmax = None
+    if torch.compiler.is_compiling():  # plain ops: the compiler fuses them itself
+        per_element = F.cross_entropy(
+            flat_logits, safe_target, weight=class_weight, reduction="none", label_smoothing=label_smoothing
+        )
+        if need_argmax:
+            argmax = flat_logits.detach().argmax(-1)
+    else:
+        per_element, argmax = _CrossEntropy.apply(
+            flat_logits, safe_target, class_weight, float(label_smoothing), need_argmax
+        )
+    per_element = per_element.reshape(target.shape)
+    total = torch.where(valid != 0, per_element * valid, torch.zeros_like(per_element)).sum()
+    argmax = argmax.reshape(target.shape) if need_argmax else None
+    if global_valid_toks is not None:
+        return divide_by_count(total, global_valid_toks), valid, argmax
+    target_weight = valid if class_weight is None else valid * class_weight[safe_target].reshape(target.shape)
+    return divide_by_count(total, target_weight.sum()), valid, argmax
 
 
 def cross_entropy(
@@ -50,7 +247,8 @@ def cross_entropy(
     - With ``global_valid_toks`` (TOKEN_LEVEL): :math:`\sum_i m_i \ell_i / \text{global\_valid\_toks}`, this
       micro-batch's share of the global batch's mean; class weights then scale tokens.
 
-    No valid element gives 0 (with zero gradient), not NaN.
+    No valid element gives 0 (with zero gradient), not NaN. Computed by a fused function (see the module
+    docstring); first derivatives only (a double backward raises).
 
     Args:
         logits: ``[N, C]`` or ``[B, T, V]``, any floating dtype (computed in float32 or float64).
@@ -67,32 +265,35 @@ def cross_entropy(
     >>> cross_entropy(logits, torch.tensor([0, -100]))  # the ignored element does not count
     tensor(0.1269)
     """
-    check_floating("logits", logits)
-    check_ndim("logits", logits, (2, 3))
-    if target.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"`target` must have shape {tuple(logits.shape[:-1])} (that of `logits` without its class "
-            f"dimension), got {tuple(target.shape)} with `logits` of shape {tuple(logits.shape)}"
-        )
-    num_classes = logits.shape[-1]
-    if mask is not None:
-        check_mask("mask", mask, target.shape)
-    check_class_targets("target", target, num_classes, ignore_index, mask)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"`label_smoothing` must be in [0, 1], got {label_smoothing}")
-    if weight is not None and tuple(weight.shape) != (num_classes,):
-        raise ValueError(f"`weight` must have shape ({num_classes},), got {tuple(weight.shape)}")
+    return _cross_entropy(
+        logits, target, mask, global_valid_toks, ignore_index, label_smoothing, weight, need_argmax=False
+    )[0]
 
-    dtype = compute_dtype(logits)
-    valid = valid_mask(target, mask, ignore_index, dtype)
-    safe_target = torch.where(valid != 0, target, torch.zeros_like(target)).reshape(-1)
-    flat_logits = logits.reshape(-1, num_classes).to(dtype)
-    class_weight = None if weight is None else weight.to(device=logits.device, dtype=dtype)
-    per_element = F.cross_entropy(
-        flat_logits, safe_target, weight=class_weight, reduction="none", label_smoothing=label_smoothing
-    ).reshape(target.shape)
-    total = torch.where(valid != 0, per_element * valid, torch.zeros_like(per_element)).sum()
-    if global_valid_toks is not None:
-        return divide_by_count(total, global_valid_toks)
-    target_weight = valid if class_weight is None else valid * class_weight[safe_target].reshape(target.shape)
-    return divide_by_count(total, target_weight.sum())
+
+def cross_entropy_with_metrics(
+    logits: Tensor,
+    target: Tensor,
+    mask: Tensor | None = None,
+    global_valid_toks: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    weight: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`cross_entropy` and its detached metric ``accuracy`` (argmax of the logits equals the target,
+    over the valid elements of this batch; a float mask weighs them), the argmax found in the same pass
+    over the logits as the loss.
+
+    >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    >>> loss, metrics = cross_entropy_with_metrics(logits, torch.tensor([0, 0]))
+    >>> loss, metrics["accuracy"]
+    (tensor(1.1269), tensor(0.5000))
+    """
+    loss, valid, argmax = _cross_entropy(
+        logits, target, mask, global_valid_toks, ignore_index, label_smoothing, weight, need_argmax=True
+    )
+    assert argmax is not None
+    with torch.no_grad():
+        correct = torch.where(argmax == target, valid, torch.zeros_like(valid))
+        accuracy = divide_by_count(correct.sum(), valid.sum())
+    return loss, {"accuracy": accuracy}

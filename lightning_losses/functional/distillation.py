@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from lightning_losses.functional.cross_entropy import cross_entropy, valid_mask
+from lightning_losses.functional.cross_entropy import cross_entropy, finite_or_zero, row_blocks, valid_mask
 from lightning_losses.protocol import check_floating, check_mask, check_ndim, check_same_shape, compute_dtype
 from lightning_losses.reduction import masked_mean
 
@@ -102,6 +103,52 @@ def _divergence_per_row(log_teacher: Tensor, log_student: Tensor, direction: str
     return beta * _kl_per_row(log_teacher, log_mixture) + (1.0 - beta) * _kl_per_row(log_student, log_mixture)
 
 
+class _ForwardKL(torch.autograd.Function):
+    r"""Per-row forward KL of ``x [R, C]`` (student logits) from ``teacher [R, C]`` (a constant), both
+    divided by :math:`T` and computed in ``dtype``, a block of rows at a time (no ``[R, C]`` tensor kept).
+
+    With :math:`u = z^t/T`, :math:`s = z^s/T`, :math:`p = \mathrm{softmax}(u)`, :math:`q =
+    \mathrm{softmax}(s)`: :math:`\mathrm{KL}_i = \sum_c p_c (u_c - s_c) - \operatorname{lse}(u) +
+    \operatorname{lse}(s)`. A class with :math:`p_c = 0` contributes 0 (its NaN product ``0 · (-inf)`` is
+    zeroed; a NaN *logit* still makes the row NaN through its logsumexp), one with :math:`p_c > 0 = q_c`
+    makes the row ``+inf``. Gradient: :math:`\partial \mathrm{KL}_i/\partial z^s_c = (q_c - p_c)/T`,
+    finite in both cases, as :func:`_kl_per_row`'s.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, teacher: Tensor, temperature: float, dtype: torch.dtype
+    ) -> Tensor:
+        rows, classes = x.shape
+        kl = torch.empty(rows, dtype=dtype, device=x.device)
+        lse_student, lse_teacher = torch.empty_like(kl), torch.empty_like(kl)
+        for block in row_blocks(rows, classes, x.device):
+            s = x[block].to(dtype) / temperature
+            u = teacher[block].to(dtype) / temperature
+            lse_s, lse_u = torch.logsumexp(s, dim=-1), torch.logsumexp(u, dim=-1)
+            p = torch.sub(u, finite_or_zero(lse_u)[:, None]).exp_()
+            cross = torch.nan_to_num_(p.mul_(u.sub_(s)), nan=0.0, posinf=math.inf, neginf=-math.inf)
+            kl[block] = cross.sum(-1) - lse_u + lse_s
+            lse_student[block], lse_teacher[block] = lse_s, lse_u
+        ctx.save_for_backward(x, teacher, finite_or_zero(lse_student), finite_or_zero(lse_teacher))
+        ctx.options = (temperature, dtype)
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, None, None, None]:
+        x, teacher, lse_student, lse_teacher = ctx.saved_tensors
+        temperature, dtype = ctx.options
+        scale = (grad_kl / temperature)[:, None]
+        grad = torch.empty_like(x)
+        for block in row_blocks(*x.shape, x.device):
+            q = torch.sub(x[block].to(dtype) / temperature, lse_student[block, None]).exp_()
+            p = torch.sub(teacher[block].to(dtype) / temperature, lse_teacher[block, None]).exp_()
+            values = q.sub_(p).mul_(scale[block])
+            grad[block].copy_(values)
+        return grad, None, None, None
+
+
 def _check_logits(logits: Tensor, teacher_logits: Tensor, mask: Tensor | None) -> None:
     check_floating("logits", logits)
     check_floating("teacher_logits", teacher_logits)
@@ -175,6 +222,17 @@ def kl_divergence(
     _check_logits(logits, teacher_logits, mask)
     check_distillation_options(temperature, direction, beta)
     dtype = compute_dtype(logits, teacher_logits)
+    fused = (
+        direction == "forward"
+        and not torch.compiler.is_compiling()  # the compiler fuses the plain ops itself
+        and not (teacher_logits.requires_grad and torch.is_grad_enabled())  # student gradient only
+    )
+    if fused:
+        classes = logits.shape[-1]
+        per_row = _ForwardKL.apply(
+            logits.reshape(-1, classes), teacher_logits.reshape(-1, classes), float(temperature), dtype
+        ).reshape(logits.shape[:-1])
+        return masked_mean(per_row, mask, global_valid_toks)
     log_student = F.log_softmax(logits.to(dtype) / temperature, dim=-1)
     log_teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     per_row = _divergence_per_row(log_teacher, log_student, direction, beta)

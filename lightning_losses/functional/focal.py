@@ -13,13 +13,14 @@ confident logits give finite values and gradients for every :math:`\gamma \ge 0`
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from lightning_losses.functional.cross_entropy import valid_mask
+from lightning_losses.functional.cross_entropy import finite_or_zero, row_blocks, valid_mask
 from lightning_losses.protocol import (
     check_class_targets,
     check_floating,
@@ -30,9 +31,17 @@ from lightning_losses.protocol import (
     compute_dtype,
     value_checks_enabled,
 )
-from lightning_losses.reduction import masked_mean
+from lightning_losses.reduction import divide_by_count, masked_mean
 
-__all__ = ["FOCAL_MODES", "FocalElements", "FocalMode", "check_focal_options", "focal_elements", "focal_loss"]
+__all__ = [
+    "FOCAL_MODES",
+    "FocalElements",
+    "FocalMode",
+    "check_focal_options",
+    "focal_elements",
+    "focal_loss",
+    "focal_loss_with_metrics",
+]
 
 FocalMode = Literal["multiclass", "binary", "multilabel"]
 FOCAL_MODES: tuple[str, ...] = ("multiclass", "binary", "multilabel")
@@ -68,7 +77,12 @@ def check_focal_options(mode: str, gamma: float) -> None:
 
 
 def _check_inputs(
-    logits: Tensor, target: Tensor, mask: Tensor | None, mode: str, ignore_index: int | None
+    logits: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    mode: str,
+    ignore_index: int | None,
+    float_range: bool = True,
 ) -> None:
     check_floating("logits", logits)
     if mode == "multiclass":
@@ -89,7 +103,7 @@ def _check_inputs(
         check_mask("mask", mask, target.shape)
     if mode == "multiclass":
         check_class_targets("target", target, logits.shape[-1], ignore_index, mask)
-    else:
+    elif float_range or not target.is_floating_point():  # else the fused path checks it block by block
         _check_binary_targets(target, mask, ignore_index)
 
 
@@ -112,25 +126,35 @@ def _check_binary_targets(target: Tensor, mask: Tensor | None, ignore_index: int
         )
 
 
-def _alpha_factor(
-    alpha: float | Tensor | None, target: Tensor, logits: Tensor, mode: str, dtype: torch.dtype
+def _alpha_tensor(
+    alpha: float | Tensor | None, logits: Tensor, mode: str, dtype: torch.dtype
 ) -> Tensor | None:
-    r""":math:`\alpha_t` per element, or None for no weighting."""
+    """``alpha`` as a 0-dim or ``[C]`` tensor of ``dtype`` on the logits' device (None stays None), its
+    shape checked against ``mode``."""
     if alpha is None:
         return None
     alpha = torch.as_tensor(alpha, device=logits.device).to(dtype)
     if mode == "multiclass":
-        if alpha.ndim == 0:
-            return alpha  # a constant factor
-        if tuple(alpha.shape) != (logits.shape[-1],):
+        if alpha.ndim != 0 and tuple(alpha.shape) != (logits.shape[-1],):
             raise ValueError(
                 f"`alpha` must be a number or have shape ({logits.shape[-1]},) (one per class), "
                 f"got shape {tuple(alpha.shape)}"
             )
-        return alpha[target]
-    if alpha.ndim != 0 and (mode == "binary" or tuple(alpha.shape) != (logits.shape[-1],)):
+    elif alpha.ndim != 0 and (mode == "binary" or tuple(alpha.shape) != (logits.shape[-1],)):
         allowed = "a number" if mode == "binary" else f"a number or of shape ({logits.shape[-1]},)"
         raise ValueError(f"`alpha` must be {allowed} in {mode} mode, got shape {tuple(alpha.shape)}")
+    return alpha
+
+
+def _alpha_factor(
+    alpha: float | Tensor | None, target: Tensor, logits: Tensor, mode: str, dtype: torch.dtype
+) -> Tensor | None:
+    r""":math:`\alpha_t` per element, or None for no weighting."""
+    alpha = _alpha_tensor(alpha, logits, mode, dtype)
+    if alpha is None:
+        return None
+    if mode == "multiclass":
+        return alpha if alpha.ndim == 0 else alpha[target]  # a number is a constant factor
     # torchvision's alpha_t = alpha * t + (1 - alpha) * (1 - t); a [C] alpha broadcasts over the last dim
     return alpha * target + (1 - alpha) * (1 - target)
 
@@ -292,7 +316,292 @@ def focal_loss(
     >>> focal_loss(torch.tensor([3.0, -1.0]), torch.tensor([1.0, 1.0]), mode="binary", alpha=0.25)
     tensor(0.0877)
     """
-    terms = focal_elements(
-        logits, target, mask, mode=mode, gamma=gamma, alpha=alpha, ignore_index=ignore_index
+    return _focal(logits, target, mask, global_valid_toks, mode, gamma, alpha, ignore_index, False)[0]
+
+
+def focal_loss_with_metrics(
+    logits: Tensor,
+    target: Tensor,
+    mask: Tensor | None = None,
+    global_valid_toks: Tensor | None = None,
+    *,
+    mode: FocalMode = "multiclass",
+    gamma: float = 2.0,
+    alpha: float | Tensor | None = None,
+    ignore_index: int | None = -100,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`focal_loss` and its detached metrics over the valid elements of this batch (a float mask
+    weighs them): ``p_t``, the mean probability of the true class (multiclass) or label (sigmoid), and
+    ``accuracy`` (multiclass: argmax; sigmoid: ``logit > 0`` against ``target > 0.5``), both found in
+    the loss's own pass over the logits.
+
+    >>> loss, metrics = focal_loss_with_metrics(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0]))
+    >>> metrics["accuracy"], metrics["p_t"]
+    (tensor(0.5000), tensor(0.5000))
+    """
+    return _focal(logits, target, mask, global_valid_toks, mode, gamma, alpha, ignore_index, True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fused paths (eager): no [N, C] intermediate kept, one [N, C] gradient written by backward
+# ----------------------------------------------------------------------------------------------------
+
+
+def _write_block(grad: Tensor, block: slice, values: Tensor) -> None:
+    if values.data_ptr() != grad[block].data_ptr():
+        grad[block].copy_(values)
+
+
+class _SoftmaxFocal(torch.autograd.Function):
+    r"""Multiclass focal terms of ``x [R, C]`` (any floating dtype, computed in ``dtype``) against
+    in-range ``target [R]``; rows with ``keep`` False get 0 and a zero gradient.
+
+    Returns ``(focal [R], log_p_t [R], argmax [R] or empty)``; only ``focal`` is differentiable. The
+    values are :func:`_softmax_terms`'s, with the same exact :math:`\log(1-p_t)` (a logsumexp over the
+    other classes), computed a block of rows at a time. With :math:`r = 1 - p_t`, :math:`F = r^\gamma`
+    and :math:`\ell = -F \log p_t`, the gradient is
+    :math:`\partial\ell/\partial x_c = F\,(1 - \gamma\,p_t \log p_t / r)\,(p_c - [c = t])`, whose target
+    entry is written as :math:`-(\ldots)\,r` (exact where :math:`p_t` rounds to 1), with
+    :math:`p_t\log p_t/r \to -1` at :math:`r = 0` and :math:`\to 0` at :math:`p_t = 0`: finite for every
+    :math:`\gamma \ge 0`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        target: Tensor,
+        keep: Tensor,
+        gamma: float,
+        dtype: torch.dtype,
+        need_argmax: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        rows, classes = x.shape
+        index = target[:, None]
+        x_t = x.gather(-1, index).squeeze(-1).to(dtype)
+        log_rest_mass = torch.empty(rows, dtype=dtype, device=x.device)
+        argmax = torch.empty(rows if need_argmax else 0, dtype=torch.long, device=x.device)
+        for block in row_blocks(rows, classes, x.device):
+            others = x[block].to(dtype, copy=True)
+            if need_argmax:
+                argmax[block] = others.argmax(-1)
+            log_rest_mass[block] = torch.logsumexp(others.scatter_(-1, index[block], _NEG_INF), dim=-1)
+        shift = finite_or_zero(torch.logaddexp(x_t, log_rest_mass))  # the rows' logsumexp
+        x_t = torch.where(keep, x_t, 0.0)  # stand-ins where the row does not count
+        log_rest_mass = torch.where(keep, log_rest_mass, 0.0)
+        log_normalizer = torch.logaddexp(x_t, log_rest_mass)
+        log_rest = log_rest_mass - log_normalizer
+        log_p_t = _log1mexp(log_rest, x_t - log_normalizer)
+        factor = torch.exp(gamma * log_rest) if gamma != 0 else torch.ones_like(log_rest)
+        focal = torch.where(keep, -factor * log_p_t, 0.0)
+        rest, p_t = log_rest.exp(), log_p_t.exp()
+        ratio = torch.where(rest > 0, log_p_t / torch.where(rest > 0, rest, 1.0), -1.0)
+        p_log_p_over_r = torch.where(p_t > 0, p_t * ratio, 0.0)
+        coefficient = torch.where(keep, factor * (1 - gamma * p_log_p_over_r), 0.0)
+        ctx.save_for_backward(x, target, shift, coefficient, rest)
+        ctx.dtype = dtype
+        ctx.mark_non_differentiable(log_p_t, argmax)
+        return focal, log_p_t, argmax
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_focal: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        x, target, shift, coefficient, rest = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        scale = grad_focal * coefficient
+        grad = torch.empty_like(x)
+        for block in row_blocks(*x.shape, x.device):
+            xb = x[block]
+            if xb.dtype == ctx.dtype:
+                values = torch.sub(xb, shift[block, None], out=grad[block])
+            else:
+                values = xb.to(ctx.dtype) - shift[block, None]
+            _write_block(grad, block, values.exp_().mul_(scale[block, None]))
+        grad.scatter_(-1, target[:, None], (-scale * rest)[:, None].to(grad.dtype))
+        return grad, None, None, None, None, None
+
+
+def _sigmoid_block(
+    x: Tensor, t: Tensor, mask: Tensor | None, ignore_index: int | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(weights, keep, logits, targets)`` of a block, the elements that do not count set to 0."""
+    if mask is None:
+        weights = (
+            (t != ignore_index).to(dtype) if ignore_index is not None else torch.ones_like(x, dtype=dtype)
+        )
+    else:
+        weights = mask.to(dtype) if ignore_index is None else mask.to(dtype) * (t != ignore_index)
+    keep = weights != 0
+    return weights, keep, torch.where(keep, x.to(dtype), 0.0), torch.where(keep, t.to(dtype), 0.0)
+
+
+def _sigmoid_parts(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""``(p, q, r, bce)`` for finite or infinite logits ``x`` and targets ``t`` in [0, 1]:
+    :math:`p = \sigma(x)`, :math:`q = 1 - p = \sigma(-x)` (each with full relative precision, from
+    :math:`e^{-|x|}`), :math:`r = 1 - p_t = p(1-t) + qt` (a sum of two non-negative terms: no
+    cancellation) and the binary cross-entropy :math:`-(t \log p + (1-t)\log q)`, ``0 · log 0 = 0``."""
+    e = torch.exp(-x.abs())
+    softplus = torch.log1p(e)
+    log_p = torch.clamp(x, max=0) - softplus
+    log_q = -torch.clamp(x, min=0) - softplus
+    inverse = 1 / (1 + e)
+    big, small = inverse, e * inverse  # σ(|x|), σ(-|x|)
+    positive = x >= 0
+    p, q = torch.where(positive, big, small), torch.where(positive, small, big)
+    r = p * (1 - t) + q * t
+    bce = -(torch.where(t != 0, t * log_p, 0.0) + torch.where(t != 1, (1 - t) * log_q, 0.0))
+    return p, q, r, bce
+
+
+def _power(base: Tensor, exponent: float) -> Tensor:
+    """``base ** exponent`` for ``base >= 0``, by a product for the usual integer exponents."""
+    if exponent == 1:
+        return base
+    if exponent == 2:
+        return base * base
+    return torch.pow(base, exponent)
+
+
+class _SigmoidFocal(torch.autograd.Function):
+    r"""Sigmoid focal loss summed over ``x [R, K]`` with targets ``t`` (in [0, 1] where they count),
+    optional ``mask`` weights, ``ignore_index`` and :math:`\alpha` (0-dim or ``[K]``), a block of rows
+    at a time. Returns ``(Σ w α_t ℓ, Σ w, Σ w p_t, Σ w·correct)``; only the first is differentiable.
+
+    With :math:`p = \sigma(x)`, :math:`q = 1 - p`, :math:`r = 1 - p_t = p(1-t) + qt` (see
+    :func:`_sigmoid_parts`: full relative precision wherever :math:`r` is a normal float; below that,
+    where every term below is under :math:`10^{-38}`, it is 0), :math:`F = r^\gamma` and :math:`B` the
+    binary cross-entropy: :math:`\ell = F B` and :math:`\partial \ell/\partial x = F (p - t) + \gamma B
+    (1 - 2t)\,p q\,r^{\gamma - 1}`, the last product taken as 0 at :math:`r = 0` (its limit for
+    :math:`\gamma > 0`), finite as :math:`r \to 0` for every :math:`\gamma \ge 0`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        t: Tensor,
+        mask: Tensor | None,
+        ignore_index: int | None,
+        alpha: Tensor | None,
+        gamma: float,
+        dtype: torch.dtype,
+        check_range: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        sums = torch.zeros(4, dtype=dtype, device=x.device)
+        for block in row_blocks(*x.shape, x.device):
+            tb = t[block]
+            mb = None if mask is None else mask[block]
+            weights, keep, xb, safe = _sigmoid_block(x[block], tb, mb, ignore_index, dtype)
+            if check_range and not bool((((safe >= 0) & (safe <= 1)) | ~keep).all()):
+                _check_binary_targets(t, mask, ignore_index)  # raises, naming the values seen
+            _, _, r, loss = _sigmoid_parts(xb, safe)
+            if gamma != 0:
+                loss = _power(r, gamma) * loss
+            if alpha is not None:
+                loss = (alpha * safe + (1 - alpha) * (1 - safe)) * loss
+            correct = (x[block] > 0) == (tb > 0.5)
+            sums += torch.stack(
+                [
+                    torch.where(keep, weights * loss, 0.0).sum(),
+                    weights.sum(),
+                    (weights * (1 - r)).sum(),
+                    torch.where(correct, weights, 0.0).sum(),
+                ]
+            )
+        ctx.save_for_backward(x, t, mask, alpha)
+        ctx.options = (ignore_index, gamma, dtype)
+        loss_sum, weight_sum, p_t_sum, correct_sum = sums.unbind()
+        ctx.mark_non_differentiable(weight_sum, p_t_sum, correct_sum)
+        return loss_sum, weight_sum, p_t_sum, correct_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_sum: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        x, t, mask, alpha = ctx.saved_tensors
+        ignore_index, gamma, dtype = ctx.options
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        grad = torch.empty_like(x)
+        for block in row_blocks(*x.shape, x.device):
+            mb = None if mask is None else mask[block]
+            weights, keep, xb, safe = _sigmoid_block(x[block], t[block], mb, ignore_index, dtype)
+            p, q, r, bce = _sigmoid_parts(xb, safe)
+            g = p - safe  # d BCE / dx
+            if gamma != 0:
+                slope = torch.where(r > 0, p * q * _power(torch.where(r > 0, r, 1.0), gamma - 1), 0.0)
+                g = _power(r, gamma) * g + gamma * (1 - 2 * safe) * slope * bce
+            if alpha is not None:
+                g = (alpha * safe + (1 - alpha) * (1 - safe)) * g
+            _write_block(grad, block, torch.where(keep, weights * g, 0.0).mul_(grad_sum))
+        return grad, None, None, None, None, None, None, None
+
+
+def _focal(
+    logits: Tensor,
+    target: Tensor,
+    mask: Tensor | None,
+    global_valid_toks: Tensor | None,
+    mode: str,
+    gamma: float,
+    alpha: float | Tensor | None,
+    ignore_index: int | None,
+    with_metrics: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    check_focal_options(mode, gamma)
+    if torch.compiler.is_compiling():  # plain ops: the compiler fuses them itself
+        terms = focal_elements(
+            logits, target, mask, mode=mode, gamma=gamma, alpha=alpha, ignore_index=ignore_index
+        )
+        loss = masked_mean(terms.loss, terms.valid, global_valid_toks)
+        if not with_metrics:
+            return loss, {}
+        with torch.no_grad():
+            p_t = masked_mean(terms.log_p_t.exp(), terms.valid)
+            correct = logits.argmax(-1) == target if mode == "multiclass" else (logits > 0) == (target > 0.5)
+            accuracy = masked_mean(correct.to(terms.valid.dtype), terms.valid)
+        return loss, {"p_t": p_t, "accuracy": accuracy}
+
+    _check_inputs(logits, target, mask, mode, ignore_index, float_range=False)
+    dtype = compute_dtype(logits)
+    alpha_value = _alpha_tensor(alpha, logits, mode, dtype)
+    if mode == "multiclass":
+        valid = valid_mask(target, mask, ignore_index, dtype)
+        keep = valid != 0
+        safe_target = torch.where(keep, target, torch.zeros_like(target))
+        classes = logits.shape[-1]
+        focal, log_p_t, argmax = _SoftmaxFocal.apply(
+            logits.reshape(-1, classes), safe_target.reshape(-1), keep.reshape(-1), float(gamma), dtype,
+            with_metrics,
+        )  # fmt: skip
+        focal = focal.reshape(target.shape)
+        if alpha_value is not None:
+            focal = (alpha_value if alpha_value.ndim == 0 else alpha_value[safe_target]) * focal
+        loss = masked_mean(focal, valid, global_valid_toks)
+        if not with_metrics:
+            return loss, {}
+        with torch.no_grad():
+            correct = argmax.reshape(target.shape) == target
+            return loss, {
+                "p_t": masked_mean(log_p_t.reshape(target.shape).exp(), valid),
+                "accuracy": masked_mean(correct.to(dtype), valid),
+            }
+    shape = (-1, 1) if logits.ndim == 1 else (-1, logits.shape[-1])
+    check_range = target.is_floating_point() and target.numel() > 0 and value_checks_enabled(target)
+    loss_sum, weight_sum, p_t_sum, correct_sum = _SigmoidFocal.apply(
+        logits.reshape(shape),
+        target.reshape(shape),
+        None if mask is None else mask.reshape(shape),
+        ignore_index,
+        alpha_value,
+        float(gamma),
+        dtype,
+        check_range,
     )
-    return masked_mean(terms.loss, terms.valid, global_valid_toks)
+    loss = divide_by_count(loss_sum, weight_sum if global_valid_toks is None else global_valid_toks)
+    if not with_metrics:
+        return loss, {}
+    return loss, {
+        "p_t": divide_by_count(p_t_sum, weight_sum),
+        "accuracy": divide_by_count(correct_sum, weight_sum),
+    }

@@ -31,6 +31,9 @@ class ContrastiveLoss(LossFunction):
     Args:
         margin: distance beyond which different-label pairs cost nothing (> 0).
         negative_weight: weight of the negative term (≥ 0).
+        chunk_size: ``None`` builds the whole distance matrix; an integer walks over that many anchor
+            rows at a time (memory O(chunk × batch) instead of several [batch, batch] matrices; each chunk
+            is recomputed in backward). Same result up to rounding.
 
     Inputs: ``embeddings [N, D]`` and ``target [N]`` integer labels.
     Metrics: ``loss``, ``contrastive_loss``, ``positive_loss``, ``negative_loss``,
@@ -44,22 +47,30 @@ class ContrastiveLoss(LossFunction):
     (tensor(0.3750), tensor(0.5000))
     """
 
-    def __init__(self, margin: float = 1.0, negative_weight: float = 1.0) -> None:
+    def __init__(
+        self, margin: float = 1.0, negative_weight: float = 1.0, chunk_size: int | None = None
+    ) -> None:
         super().__init__()
         check_positive("margin", margin)
+        check_chunk_size(chunk_size)
         if not negative_weight >= 0:
             raise ValueError(f"`negative_weight` must be non-negative, got {negative_weight}")
         self.margin = margin
         self.negative_weight = negative_weight
+        self.chunk_size = chunk_size
 
     def forward(self, embeddings: Tensor, target: Tensor) -> LossOutput:
         loss, metrics = contrastive_loss_with_metrics(
-            embeddings, target, margin=self.margin, negative_weight=self.negative_weight
+            embeddings,
+            target,
+            margin=self.margin,
+            negative_weight=self.negative_weight,
+            chunk_size=self.chunk_size,
         )
         return LossOutput(loss, {"loss": loss.detach(), **metrics})
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, negative_weight={self.negative_weight}"
+        return f"margin={self.margin}, negative_weight={self.negative_weight}, chunk_size={self.chunk_size}"
 
 
 @register_loss("infonce")

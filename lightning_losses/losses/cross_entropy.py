@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_losses.functional.cross_entropy import cross_entropy, valid_mask
+from lightning_losses.functional.cross_entropy import cross_entropy_with_metrics, valid_mask
 from lightning_losses.protocol import LossFunction, LossOutput, LossType
-from lightning_losses.reduction import divide_by_count
 from lightning_losses.registry import register_loss
 
 __all__ = ["CrossEntropyLoss"]
@@ -30,7 +29,8 @@ class CrossEntropyLoss(LossFunction):
         weight: ``[C]`` class weights; a single number instead scales the loss (the guide's
             ``cross_entropy: {params: {weight: 1.0}}``).
 
-    Metrics: ``loss`` and ``accuracy`` (argmax over valid elements of this batch).
+    Metrics: ``loss`` and ``accuracy`` (argmax over valid elements of this batch, found in the loss's own
+    pass over the logits).
 
     >>> loss_fn = CrossEntropyLoss(label_smoothing=0.1)
     >>> loss, metrics = loss_fn(torch.tensor([[3.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 0]))
@@ -71,7 +71,7 @@ class CrossEntropyLoss(LossFunction):
         mask: Tensor | None = None,
         global_valid_toks: Tensor | None = None,
     ) -> LossOutput:
-        loss = self.scale * cross_entropy(
+        loss, metrics = cross_entropy_with_metrics(
             logits,
             target,
             mask,
@@ -80,8 +80,5 @@ class CrossEntropyLoss(LossFunction):
             label_smoothing=self.label_smoothing,
             weight=self.class_weight,
         )
-        with torch.no_grad():
-            valid = valid_mask(target, mask, self.ignore_index)
-            correct = (logits.argmax(-1) == target).to(valid.dtype) * valid
-            accuracy = divide_by_count(correct.sum(), valid.sum())
-        return LossOutput(loss, {"loss": loss.detach(), "accuracy": accuracy})
+        loss = self.scale * loss
+        return LossOutput(loss, {"loss": loss.detach(), **metrics})

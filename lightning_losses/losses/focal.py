@@ -10,9 +10,8 @@ import torch
 from torch import Tensor
 
 from lightning_losses.functional.cross_entropy import valid_mask
-from lightning_losses.functional.focal import FocalMode, check_focal_options, focal_elements
+from lightning_losses.functional.focal import FocalMode, check_focal_options, focal_loss_with_metrics
 from lightning_losses.protocol import LossFunction, LossOutput, LossType
-from lightning_losses.reduction import masked_mean
 from lightning_losses.registry import register_loss
 
 __all__ = ["FocalLoss"]
@@ -94,21 +93,14 @@ class FocalLoss(LossFunction):
         mask: Tensor | None = None,
         global_valid_toks: Tensor | None = None,
     ) -> LossOutput:
-        terms = focal_elements(
+        loss, metrics = focal_loss_with_metrics(
             logits,
             target,
             mask,
+            global_valid_toks,
             mode=self.mode,
             gamma=self.gamma,
             alpha=self.alpha if self.class_alpha is None else self.class_alpha,
             ignore_index=self.ignore_index,
         )
-        loss = masked_mean(terms.loss, terms.valid, global_valid_toks)
-        with torch.no_grad():
-            p_t = masked_mean(terms.log_p_t.exp(), terms.valid)
-            if self.mode == "multiclass":
-                correct = logits.argmax(-1) == target
-            else:
-                correct = (logits > 0) == (target > 0.5)
-            accuracy = masked_mean(correct.to(terms.valid.dtype), terms.valid)
-        return LossOutput(loss, {"loss": loss.detach(), "p_t": p_t, "accuracy": accuracy})
+        return LossOutput(loss, {"loss": loss.detach(), **metrics})

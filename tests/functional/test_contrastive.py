@@ -168,6 +168,20 @@ class TestInfoNCEChunked(TestInfoNCE):
         return brute_force_info_nce(embeddings, positive_embeddings, **options)
 
 
+class TestContrastiveChunked(TestContrastive):
+    """The chunked path (checkpointed anchor-row chunks) against the same brute-force reference (chunks of
+    1 row, uneven, one whole)."""
+
+    option_sets = [
+        {"chunk_size": 1},
+        {"margin": 2.0, "negative_weight": 0.5, "chunk_size": 3},
+        {"margin": 0.7, "negative_weight": 3.0, "chunk_size": 100},
+    ]
+
+    def reference(self, embeddings, target, chunk_size, **options):
+        return brute_force_contrastive(embeddings, target, **options)[0]
+
+
 class TestSupConChunked(TestSupCon):
     """The chunked path against the same brute-force reference (chunks of 1 row, uneven, one whole)."""
 
@@ -469,17 +483,63 @@ def test_supcon_chunked_module_and_registry():
 
 
 @pytest.mark.parametrize("chunk_size", [0, -2, 2.5, True, "4"])
-@pytest.mark.parametrize("fn", [supervised_contrastive_loss, info_nce_loss])
+@pytest.mark.parametrize("fn", [supervised_contrastive_loss, info_nce_loss, contrastive_loss])
 def test_bad_chunk_size(fn, chunk_size):
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="`chunk_size` must be a positive integer"):
         fn(
             x,
-            torch.zeros(4, dtype=torch.long) if fn is supervised_contrastive_loss else x,
+            x if fn is info_nce_loss else torch.zeros(4, dtype=torch.long),
             chunk_size=chunk_size,
         )
     with pytest.raises(ValueError, match="`chunk_size`"):
         SupConLoss(chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="`chunk_size`"):
+        ContrastiveLoss(chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_contrastive_chunked_equals_whole_matrix_with_metrics_and_gradient(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(37, 6, generator=g) + 3.0).to(dtype)
+    target = torch.randint(-2, 5, (37,), generator=g) * 1000  # labels are compared, not ranged
+    x[4] = x[3]  # coinciding embeddings: d = 0 (finite gradient)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-10
+    whole_x, chunked_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    whole = contrastive_loss_with_metrics(whole_x, target, margin=2.0, negative_weight=0.7)
+    chunked = contrastive_loss_with_metrics(chunked_x, target, margin=2.0, negative_weight=0.7, chunk_size=8)
+    torch.testing.assert_close(chunked[0], whole[0], rtol=rtol, atol=rtol)
+    assert chunked[1].keys() == whole[1].keys()
+    for key, value in whole[1].items():
+        torch.testing.assert_close(chunked[1][key], value, rtol=rtol, atol=rtol, msg=key)
+        assert chunked[1][key].ndim == 0 and not chunked[1][key].requires_grad
+    (whole_grad,) = torch.autograd.grad(whole[0], whole_x)
+    (chunked_grad,) = torch.autograd.grad(chunked[0], chunked_x)
+    torch.testing.assert_close(chunked_grad, whole_grad, rtol=rtol, atol=rtol)
+    module = ContrastiveLoss(margin=2.0, negative_weight=0.7, chunk_size=8)
+    torch.testing.assert_close(module(x, target).loss, whole[0].detach(), rtol=rtol, atol=rtol)
+
+
+def test_contrastive_chunked_keeps_no_n_by_n_tensor():
+    """Forward and backward with chunks of 4 rows of 64: no tensor of 64 x 64 elements or more is made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor):
+                    self.largest = max(self.largest, tensor.numel())
+            return out
+
+    x, target = torch.randn(64, 3, requires_grad=True), torch.arange(64) % 5
+    with Largest() as chunked:
+        contrastive_loss(x, target, chunk_size=4).backward()
+    with Largest() as whole:
+        contrastive_loss(x, target).backward()
+    assert chunked.largest == 4 * 64 and whole.largest == 64 * 64
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 import contextlib
+import importlib
 import io
 import math
 from pathlib import Path
@@ -580,3 +581,43 @@ def test_teacher_then_student_end_to_end(tmp_path):
     for cli in (teacher, student, baseline):
         assert cli.trainer.callback_metrics["val/accuracy"] > 0.7
     assert "val/kl_loss" in student.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_fused_forward_kl_equals_the_unfused_path(dtype, monkeypatch):
+    """A constant teacher takes the fused, blockwise forward KL (blocks of 2 rows here); a teacher that
+    requires grad the plain log_softmax path. Same value and student gradient, also with -inf logits
+    (ruled-out classes on either side, an all -inf masked row, a student ruling out a teacher class:
+    +inf) and a float mask; fp64 gradcheck of the fused path."""
+    monkeypatch.setattr(
+        importlib.import_module("lightning_losses.functional.cross_entropy"), "BLOCK_ELEMENTS", 8
+    )
+    g = torch.Generator().manual_seed(3)
+    student = (3 * torch.randn(7, 4, generator=g)).to(dtype)
+    teacher = (3 * torch.randn(7, 4, generator=g)).to(dtype)
+    student[0, 1] = teacher[1, 2] = -math.inf  # a class either side rules out
+    student[2, 0] = teacher[2, 0] = -math.inf  # ruled out by both
+    student[3], teacher[3] = -math.inf, -math.inf  # a padding row, masked below
+    mask = torch.tensor([1.0, 0.5, 1.0, 0.0, 2.0, 1.0, 1.0], dtype=dtype)
+    for temperature in (1.0, 4.0):
+        x = student.clone().requires_grad_()
+        fused = kl_divergence(x, teacher, mask, temperature=temperature)
+        (fused_grad,) = torch.autograd.grad(fused, x)
+        y, constant = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+        plain = kl_divergence(y, constant, mask, temperature=temperature)
+        (plain_grad,) = torch.autograd.grad(plain, y)
+        torch.testing.assert_close(fused, plain)
+        rows = [0, 1, 2, 4, 5, 6]  # the plain path's log_softmax of the all -inf row 3 has a NaN gradient
+        torch.testing.assert_close(fused_grad[rows], plain_grad[rows])
+        assert torch.isfinite(fused_grad).all() and fused_grad[3].abs().sum() == 0
+    wrong = student.clone()
+    wrong[5, 0] = -math.inf  # the teacher gives class 0 mass there: KL = +inf, gradient finite
+    x = wrong.requires_grad_()
+    loss = kl_divergence(x, teacher, mask)
+    assert loss == math.inf and torch.isfinite(torch.autograd.grad(loss, x)[0]).all()
+    if dtype == torch.float64:
+        finite_student, finite_teacher = torch.randn(5, 6, dtype=dtype), torch.randn(5, 6, dtype=dtype)
+        assert torch.autograd.gradcheck(
+            lambda s: kl_divergence(s, finite_teacher, temperature=2.0),
+            (finite_student.requires_grad_(),),
+        )

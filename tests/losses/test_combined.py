@@ -89,7 +89,7 @@ def test_metrics_per_component_weighted_and_unweighted():
     torch.testing.assert_close(metrics["mse_weighted_loss"], 0.3 * mse)
     torch.testing.assert_close(metrics["total_loss"], 0.7 * ce + 0.3 * mse)
     assert metrics["loss"] is metrics["total_loss"] and torch.equal(loss.detach(), metrics["loss"])
-    accuracy = (inputs["logits"][keep].argmax(-1) == inputs["target"][keep]).float().mean()
+    accuracy = (inputs["logits"][keep].argmax(-1) == inputs["target"][keep]).double().mean()  # as the inputs
     torch.testing.assert_close(metrics["cross_entropy_accuracy"], accuracy)
 
 
