@@ -15,6 +15,7 @@ Another installed package adds names through the entry-point group ``lightning_l
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
@@ -133,7 +134,28 @@ def build_loss(spec: str | Mapping[str, Any] | nn.Module, **overrides: Any) -> n
     raise TypeError(f"a loss spec must be a name, a dict or an nn.Module, got {type(spec).__name__}")
 
 
+def _accepted_parameters(factory: LossFactory) -> list[str] | None:
+    """The keyword parameters ``factory`` takes, or None when it takes any (``**kwargs``) or cannot tell."""
+    if isinstance(factory, type) and factory.__init__ is nn.Module.__init__:
+        return []  # a module class without its own __init__ (torch's signature is *args, **kwargs)
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in keyword]
+
+
 def _instantiate(factory: LossFactory, kwargs: dict[str, Any], label: str) -> nn.Module:
+    accepted = _accepted_parameters(factory)
+    unknown = [] if accepted is None else sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"cannot build the loss {label!r} with parameters {sorted(kwargs)}: unknown parameter(s) "
+            f"{unknown}; its parameters are {accepted}"
+        )
     try:
         loss = factory(**kwargs)
     except TypeError as error:

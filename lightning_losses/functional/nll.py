@@ -74,7 +74,10 @@ def nll_loss(
     :math:`N` ``global_valid_toks`` (TOKEN_LEVEL: the valid tokens of the global batch, so the losses of
     micro-batches and DDP ranks add up to the global batch's mean) or, without it, :math:`\sum m` of this
     batch. Maximum likelihood / teacher forcing; NeMo RL's ``NLLLoss``. Computed in float32 (float64 for
-    float64 logits). No valid token gives exactly 0 with a zero gradient.
+    float64 logits). No valid token gives exactly 0 with a zero gradient. A NaN in a token that counts makes
+    the loss NaN (no value is checked: ``LossModule``'s ``nan_policy`` sees it); in the logits of a masked
+    token it stays out of the loss but may show in that row's own gradient (log-softmax's backward
+    multiplies it by 0; removing it would copy the whole ``[B, T, V]`` logits).
 
     Args:
         next_token_logits: ``[B, T, V]``, any floating dtype.

@@ -176,7 +176,10 @@ def clipped_pg_loss(
     RL's convention) logits ``[:, :-1]`` score ``input_ids[:, 1:]`` and the ``[B, T]`` inputs
     (``prev_logprobs``, ``reference_logprobs``, ``token_mask``, per-token ``advantages``) are read at
     ``[:, 1:]``. Masked tokens and samples may hold anything (NaN, padding ids) and never reach the result;
-    no valid token gives exactly 0 with a zero gradient.
+    no valid token gives exactly 0 with a zero gradient. In the *logits* of a masked token a NaN stays out
+    of the loss but may show in that row's own gradient (log-softmax's backward multiplies it by 0;
+    removing it would copy the whole ``[B, T, V]`` logits). A NaN that counts makes the loss NaN (no value
+    is checked: ``LossModule``'s ``nan_policy`` sees it).
 
     Args:
         next_token_logits: ``[B, T, V]`` the current policy's logits.

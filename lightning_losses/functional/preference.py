@@ -102,7 +102,11 @@ def dpo_loss(
     of a pair alike (checked where value checks run); the pair's weight is its chosen row's entry.
 
     Masked tokens and pairs never reach the result, not even as NaN; no valid pair gives exactly 0 with a
-    zero gradient. Computed in float32 for bf16/fp16 inputs (float64 for float64).
+    zero gradient. Computed in float32 for bf16/fp16 inputs (float64 for float64). NaN/inf at masked
+    positions of ``reference_logprobs`` get no gradient (it is a constant); in the *logits* of a masked
+    token a NaN stays out of the loss but may show in that row's own gradient (log-softmax's backward
+    multiplies it by 0; removing it would copy the whole ``[B, T, V]`` logits). A NaN that counts makes
+    the loss NaN (no value is checked: ``LossModule``'s ``nan_policy`` sees it).
 
     Args:
         next_token_logits: ``[2P, T, V]`` the policy's logits.
@@ -135,7 +139,7 @@ def dpo_loss(
     dtype = compute_dtype(next_token_logits, reference_logprobs)
     mask = token_mask
     if sample_mask is not None:  # tokens of masked-out sequences count nowhere (and may hold any id)
-        keep = sample_mask.reshape(-1, 1) != 0
+        keep = (sample_mask.reshape(-1, 1) != 0).expand(input_ids.shape)
         mask = keep if mask is None else torch.where(keep, mask, torch.zeros_like(mask))
     log_probs, weights = token_log_probs(next_token_logits, input_ids, mask, shift=shift, dtype=dtype)
     reference = reference_logprobs[:, 1:] if shift else reference_logprobs

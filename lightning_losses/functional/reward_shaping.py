@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses.protocol import check_floating, check_mask, check_ndim, check_positive, compute_dtype
+from lightning_losses.protocol import (
+    check_class_targets,
+    check_floating,
+    check_mask,
+    check_ndim,
+    check_positive,
+    compute_dtype,
+)
 from lightning_losses.reduction import divide_by_count, masked_sum
 
 __all__ = [
@@ -186,6 +193,8 @@ def _check_inputs(
         check_mask("terminated", terminated, batch)
     if mask is not None:
         check_mask("mask", mask, batch)
+    # in [0, A) where they count (a gather out of range is a device assert on CUDA); CPU tensors only
+    check_class_targets("actions", actions, policy_logits.shape[-1], mask=mask)
 
 
 def reward_shaping_terms(
@@ -210,7 +219,14 @@ def reward_shaping_terms(
     potentials are treated as constants (detached).
 
     Shapes: ``policy_logits [N, A]``; ``values``, ``advantages``, ``returns``, ``potentials``,
-    ``next_potentials [N]`` floating; ``actions [N]`` integer; ``terminated``, ``mask [N]``.
+    ``next_potentials [N]`` floating; ``actions [N]`` integer in ``[0, A)`` (checked on CPU tensors, where
+    the mask counts); ``terminated``, ``mask [N]``. No valid transition (all masked, an empty batch)
+    gives 0 with a zero gradient.
+
+    Non-finite values: a ``-inf`` logit rules an action out (invalid-action masking): the terms stay
+    finite, with finite gradients, unless that action was taken (then :math:`\log\pi(a) = -\infty`). A NaN
+    in a transition that counts makes the loss NaN (no value is checked: ``LossModule``'s ``nan_policy``
+    sees it); masked-out transitions never reach the loss nor, even when NaN or inf, its gradient.
 
     >>> terms = reward_shaping_terms(torch.zeros(2, 2), torch.zeros(2), torch.tensor([0, 1]),
     ...                              torch.ones(2), torch.ones(2))
@@ -221,27 +237,41 @@ def reward_shaping_terms(
         policy_logits, values, actions, advantages, returns, potentials, next_potentials, terminated, mask
     )
     dtype = compute_dtype(policy_logits, values)
-    log_probs = F.log_softmax(policy_logits.to(dtype), dim=-1)
     valid = None if mask is None else mask != 0 if mask.dtype == torch.bool else mask.to(dtype)
+    keep = None if mask is None else mask != 0
+
+    def clean(tensor: Tensor) -> Tensor:
+        """``tensor`` in ``dtype``, 0 at masked-out transitions *before* any arithmetic, so that a NaN
+        there reaches neither the loss nor a gradient (the tensors are ``[N]`` / ``[N, A]``: cheap)."""
+        tensor = tensor.to(dtype)
+        if keep is None:
+            return tensor
+        return torch.where(keep.reshape(-1, *([1] * (tensor.ndim - 1))), tensor, tensor.new_zeros(()))
+
+    log_probs = F.log_softmax(clean(policy_logits), dim=-1)
     count = (
         global_valid_seqs
         if global_valid_seqs is not None
         else (actions.numel() if mask is None else mask.to(dtype).sum())
     )
-    safe_actions = actions if mask is None else torch.where(mask != 0, actions, torch.zeros_like(actions))
+    safe_actions = actions if keep is None else torch.where(keep, actions, torch.zeros_like(actions))
     taken = log_probs.gather(-1, safe_actions.long().unsqueeze(-1)).squeeze(-1)
-    adv = advantages.detach().to(dtype)
+    adv = clean(advantages.detach())
 
     def mean(per_row: Tensor) -> Tensor:
         return divide_by_count(masked_sum(per_row, valid), count)
 
     policy_loss = mean(-adv * taken)
-    value_loss = mean((values.to(dtype) - returns.detach().to(dtype)).pow(2))
-    # p·log p with p = exp(log p): 0·(-inf) never appears since log_softmax of finite logits is finite
-    entropy = mean(-(log_probs.exp() * log_probs).sum(-1))
+    value_loss = mean((clean(values) - clean(returns.detach())).pow(2))
+    # p·log p is 0 for an action ruled out by a -inf logit (p = 0, log p = -inf): the double where keeps
+    # 0·(-inf) = NaN out of the value and of the gradient
+    ruled_out = torch.isneginf(log_probs)
+    safe_log_probs = torch.where(ruled_out, log_probs.new_zeros(()), log_probs)
+    p_log_p = torch.where(ruled_out, log_probs.new_zeros(()), safe_log_probs.exp() * safe_log_probs)
+    entropy = mean(-p_log_p.sum(-1))
     if potentials is not None and next_potentials is not None:
         shaping = potential_shaping_reward(
-            potentials.detach().to(dtype), next_potentials.detach().to(dtype), terminated, discount
+            clean(potentials.detach()), clean(next_potentials.detach()), terminated, discount
         )
         shaping_loss = mean(-shaping * taken)
     else:

@@ -182,7 +182,11 @@ def sequence_policy_loss(
 
     ``advantages`` and ``rewards`` are constants (detached): the policy term differentiates only through
     :math:`\log\pi`, the value term only through :math:`V`. :math:`L_V = 0` without ``values``. Masked
-    tokens and sequences never reach the result, not even as NaN; no valid sequence gives exactly 0.
+    tokens and sequences never reach the result, not even as NaN; no valid sequence gives exactly 0. NaN/inf
+    in masked sequences of ``values``, ``rewards``, ``advantages`` get a zero gradient; in the *logits* of
+    a masked token a NaN stays out of the loss but may show in that row's own gradient (log-softmax's
+    backward multiplies it by 0; removing it would copy the whole ``[B, T, V]`` logits). A NaN that counts
+    makes the loss NaN (no value is checked: ``LossModule``'s ``nan_policy`` sees it).
 
     Args:
         next_token_logits: ``[B, T, V]``, any floating dtype (computed in float32, float64 for float64).
@@ -217,7 +221,7 @@ def sequence_policy_loss(
     dtype = compute_dtype(*floating)
     logits, tokens, mask = _aligned(next_token_logits, input_ids, token_mask, shift)
     if sample_mask is not None:  # tokens of masked-out sequences count nowhere (and may hold any id)
-        keep = sample_mask.reshape(-1, 1) != 0
+        keep = (sample_mask.reshape(-1, 1) != 0).expand(tokens.shape)
         mask = keep if mask is None else torch.where(keep, mask, torch.zeros_like(mask))
     log_probs = _sequence_log_probs(logits, tokens, mask, dtype)
 

@@ -272,8 +272,21 @@ class CompositeLoss(LossFunction):
     def run_component(
         self, name: str, args: list[Any], kwargs: dict[str, Any]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Call component ``name``; its loss (0-dim) and its metrics prefixed with ``<name>_``."""
-        loss, metrics = split_output(self.components[name](*args, **kwargs))
+        """Call component ``name``; its loss (0-dim) and its metrics prefixed with ``<name>_``.
+
+        A ``ValueError`` / ``TypeError`` of the component is raised again (the same type, chained) with
+        the component's name and its renamed inputs in front, since its message names the component's
+        own parameter (``mask``), not the input it was given (``reg_mask``).
+        """
+        try:
+            output = self.components[name](*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            rename = self.bindings[name].rename
+            renamed = f" (its inputs renamed: {rename})" if rename else ""
+            raise type(error)(
+                f"the loss {name!r} ({type(self.components[name]).__name__}){renamed}: {error}"
+            ) from error
+        loss, metrics = split_output(output)
         if loss.ndim != 0:
             raise ValueError(
                 f"the loss {name!r} ({type(self.components[name]).__name__}) returned a loss of shape "

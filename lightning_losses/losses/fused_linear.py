@@ -12,8 +12,20 @@ from torch import Tensor
 
 from lightning_losses.functional.cross_entropy import valid_mask
 from lightning_losses.functional.distillation import Direction, check_distillation_options
-from lightning_losses.functional.fused_linear import fused_linear_cross_entropy, fused_linear_distillation
-from lightning_losses.protocol import LossFunction, LossOutput, LossType, check_floating, check_ndim
+from lightning_losses.functional.fused_linear import (
+    _check_linear,
+    fused_linear_cross_entropy,
+    fused_linear_distillation,
+)
+from lightning_losses.protocol import (
+    LossFunction,
+    LossOutput,
+    LossType,
+    check_class_targets,
+    check_floating,
+    check_mask,
+    check_ndim,
+)
 from lightning_losses.registry import register_loss
 
 __all__ = ["FusedLinearCrossEntropyLoss", "FusedLinearDistillationLoss"]
@@ -51,6 +63,37 @@ def _check_tokens(hidden_states: Tensor, name: str, tensor: Tensor | None) -> No
             f"hidden dimension), got {tuple(tensor.shape)} with `hidden_states` of shape "
             f"{tuple(hidden_states.shape)}"
         )
+
+
+def _check_inputs(
+    prefix: str,
+    hidden_states: Tensor,
+    lm_head_weight: Tensor,
+    lm_head_bias: Tensor | None,
+    input_ids: Tensor | None,
+    token_mask: Tensor | None,
+    ignore_index: int,
+    shift: bool,
+) -> None:
+    """The functional's checks, run first under the names of this module's inputs (``hidden_states``,
+    ``lm_head_weight``, ``input_ids``, ...; ``prefix`` ``"teacher_"`` for the teacher's), so that an error
+    names the input the caller passed (the functional's names are ``hidden``, ``weight``, ``target``).
+    The ids' range is checked where they are scored (``[:, 1:]`` with ``shift``) and counted."""
+    _check_linear(
+        f"{prefix}hidden_states",
+        hidden_states,
+        f"{prefix}lm_head_weight",
+        lm_head_weight,
+        f"{prefix}lm_head_bias",
+        lm_head_bias,
+    )
+    check_ndim(f"{prefix}hidden_states", hidden_states, 3)
+    _check_tokens(hidden_states, "input_ids", input_ids)
+    if token_mask is not None:
+        check_mask("token_mask", token_mask, hidden_states.shape[:2])
+    if input_ids is not None:
+        scored, mask = _aligned_tokens(input_ids, shift), _aligned_tokens(token_mask, shift)
+        check_class_targets("input_ids", scored, lm_head_weight.shape[0], ignore_index, mask)
 
 
 @register_loss("fused_linear_cross_entropy")
@@ -122,9 +165,17 @@ class FusedLinearCrossEntropyLoss(LossFunction):
         global_valid_toks: Tensor | None = None,
         lm_head_bias: Tensor | None = None,
     ) -> LossOutput:
+        _check_inputs(
+            "",
+            hidden_states,
+            lm_head_weight,
+            lm_head_bias,
+            input_ids,
+            token_mask,
+            self.ignore_index,
+            self.shift,
+        )
         hidden = _aligned_rows("hidden_states", hidden_states, self.shift)
-        _check_tokens(hidden_states, "input_ids", input_ids)
-        _check_tokens(hidden_states, "token_mask", token_mask)
         target = _aligned_tokens(input_ids, self.shift)
         mask = _aligned_tokens(token_mask, self.shift)
         loss = fused_linear_cross_entropy(
@@ -229,10 +280,38 @@ class FusedLinearDistillationLoss(LossFunction):
         lm_head_bias: Tensor | None = None,
         teacher_lm_head_bias: Tensor | None = None,
     ) -> LossOutput:
+        _check_inputs(
+            "",
+            hidden_states,
+            lm_head_weight,
+            lm_head_bias,
+            input_ids,
+            token_mask,
+            self.ignore_index,
+            self.shift,
+        )
+        _check_inputs(
+            "teacher_",
+            teacher_hidden_states,
+            teacher_lm_head_weight,
+            teacher_lm_head_bias,
+            None,
+            None,
+            0,
+            False,
+        )
+        if teacher_hidden_states.shape[:2] != hidden_states.shape[:2]:
+            raise ValueError(
+                "`teacher_hidden_states` must hold the tokens of `hidden_states` (the same [B, T]), got "
+                f"shapes {tuple(teacher_hidden_states.shape)} and {tuple(hidden_states.shape)}"
+            )
+        if teacher_lm_head_weight.shape[0] != lm_head_weight.shape[0]:
+            raise ValueError(
+                "`teacher_lm_head_weight` must have the vocabulary of `lm_head_weight` (first dimension), "
+                f"got shapes {tuple(teacher_lm_head_weight.shape)} and {tuple(lm_head_weight.shape)}"
+            )
         hidden = _aligned_rows("hidden_states", hidden_states, self.shift)
         teacher_hidden = _aligned_rows("teacher_hidden_states", teacher_hidden_states, self.shift)
-        _check_tokens(hidden_states, "input_ids", input_ids)
-        _check_tokens(hidden_states, "token_mask", token_mask)
         target, mask = _aligned_tokens(input_ids, self.shift), _aligned_tokens(token_mask, self.shift)
         terms = fused_linear_distillation(
             hidden, lm_head_weight, teacher_hidden, teacher_lm_head_weight, target, mask, global_valid_toks,

@@ -26,6 +26,12 @@ def _take_rows(value: Any, rows: Tensor, batch_size: int) -> Any:
     return value
 
 
+def _holds_no_element(args: list[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether a task's tensor inputs include an empty one (a batch of no sample): a shape, no sync."""
+    values = [*args, *(v for k, v in kwargs.items() if k not in ("model", *COUNT_NAMES))]
+    return any(isinstance(v, Tensor) and v.ndim > 0 and v.numel() == 0 for v in values)
+
+
 def _restrict_mask(mask: Tensor | None, rows: Tensor, task: str, target: Any = None) -> Tensor:
     """``mask`` (``[B, ...]``, bool or weights) limited to the samples ``rows`` (``[B]`` bool).
 
@@ -81,7 +87,8 @@ class MultiTaskLoss(CompositeLoss):
       step on an accelerator). Task losses are then means over this batch's samples of the task: no
       global counts.
 
-    A task is *absent* when it has no valid element (no sample in ``task_ids``, an all-zero ``mask``):
+    A task is *absent* when it has no valid element (no sample in ``task_ids``, an all-zero ``mask``, an
+    empty input tensor):
     it contributes exactly 0 (and 0 gradient), not NaN, and its :math:`s_i` is not pulled down by a
     loss of 0. Under DDP, presence is decided where the task loss is normalized, so that the
     :math:`s_i` term is weighed like :math:`e^{-s_i} L_i`: a task given a global count
@@ -267,6 +274,8 @@ class MultiTaskLoss(CompositeLoss):
                 has_valid = (mask != 0).any()
                 local = has_valid if local is None else local & has_valid
             loss, task_metrics = self.run_component(name, args, kwargs)
+            if local is None and _holds_no_element(args, kwargs):  # an empty batch: read from shapes
+                local = torch.zeros((), dtype=torch.bool, device=loss.device)
             # Presence where the loss is normalized (see the class docstring): globally for a share of
             # the global batch, so that every rank adds its s_i / R alike; else on this rank.
             if counted:

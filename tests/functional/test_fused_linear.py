@@ -536,3 +536,51 @@ def test_loss_module_runs_distillation_from_batch_teacher():
     assert {"train/loss", "train/kl_loss", "train/task_loss"} <= set(trainer.callback_metrics)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert not torch.equal(model.lm_head.weight, before)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "pattern"),
+    [
+        (
+            {"lm_head_weight": torch.randn(6, 3)},
+            ValueError,
+            r"`lm_head_weight` must have shape \[V, 4\].*\(6, 3\)",
+        ),
+        (
+            {"lm_head_weight": torch.ones(6, 4, dtype=torch.long)},
+            TypeError,
+            "`lm_head_weight` must be a floating",
+        ),
+        ({"lm_head_bias": torch.zeros(5)}, ValueError, r"`lm_head_bias` must have shape \(6,\).*got \(5,\)"),
+        ({"input_ids": torch.zeros(2, 5)}, TypeError, r"`input_ids` must hold integer class indices"),
+        ({"input_ids": torch.full((2, 5), 6)}, ValueError, r"`input_ids` must lie in \[0, 6\)"),
+        ({"token_mask": torch.ones(2, 4)}, ValueError, r"`token_mask` must have shape \(2, 5\)"),
+    ],
+)
+def test_module_errors_name_the_module_inputs(change, error, pattern):
+    """The modules' errors name their own inputs (``lm_head_weight``, ``input_ids``), not the functional's."""
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(2, 5, 4, generator=g),
+        "lm_head_weight": torch.randn(6, 4, generator=g),
+        "input_ids": torch.randint(0, 6, (2, 5), generator=g),
+    }
+    with pytest.raises(error, match=pattern):
+        FusedLinearCrossEntropyLoss()(**(inputs | change))
+    teacher = {"teacher_hidden_states": torch.randn(2, 5, 3), "teacher_lm_head_weight": torch.randn(6, 3)}
+    with pytest.raises(error, match=pattern):
+        FusedLinearDistillationLoss()(**(inputs | teacher | change))
+
+
+def test_module_ids_never_scored_are_not_checked():
+    """With ``shift`` the first id is never scored: any value there is fine, as in ``NLLLoss``."""
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(2, 5, 4, generator=g), torch.randn(6, 4, generator=g)
+    ids = torch.randint(0, 6, (2, 5), generator=g)
+    padded = ids.clone()
+    padded[:, 0] = -1
+    torch.testing.assert_close(
+        FusedLinearCrossEntropyLoss()(hidden, weight, padded).loss, NLLLoss()(hidden @ weight.T, ids).loss
+    )
+    with pytest.raises(ValueError, match=r"`teacher_hidden_states` must hold the tokens of `hidden_states`"):
+        FusedLinearDistillationLoss()(hidden, weight, torch.randn(2, 4, 3), torch.randn(6, 3))

@@ -613,3 +613,35 @@ def test_trains_two_heads_with_loss_module_and_restores_sigma_from_a_cli_checkpo
     assert isinstance(restored.loss, MultiTaskLoss)
     assert torch.equal(restored.loss.log_variances.detach(), learned)
     assert restored.loss.regression_tasks == ["center"]
+
+
+def test_an_empty_batch_makes_every_task_absent():
+    """No sample at all (and no mask to say so): every task is absent, so the log-variances get no
+    gradient from a batch with nothing in it (their Kendall term would otherwise pull them down)."""
+    loss_fn = MultiTaskLoss(
+        {"cls": "cross_entropy", "reg": "mse"},
+        uncertainty_weighting=True,
+        init_log_variance=0.5,
+        input_maps={"reg": {"preds": "reg_pred", "target": "reg_target"}},
+    )
+    loss, metrics = loss_fn(
+        logits=torch.zeros(0, 3), target=torch.zeros(0, dtype=torch.long), reg_pred=torch.zeros(0),
+        reg_target=torch.zeros(0),
+    )  # fmt: skip
+    assert loss.item() == 0.0 and metrics["cls_loss"].item() == 0.0
+    (grad,) = torch.autograd.grad(loss, loss_fn.log_variances)
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_a_task_error_names_the_task_and_its_renamed_inputs():
+    loss_fn = MultiTaskLoss(
+        {"cls": "cross_entropy", "reg": "mse"},
+        input_maps={"reg": {"preds": "reg_pred", "target": "reg_target", "mask": "reg_mask"}},
+    )
+    with pytest.raises(
+        ValueError, match=r"the loss 'reg' \(MSELoss\) \(its inputs renamed: .*'mask': 'reg_mask'"
+    ):
+        loss_fn(
+            logits=torch.zeros(4, 3), target=torch.zeros(4, dtype=torch.long), reg_pred=torch.zeros(4),
+            reg_target=torch.zeros(4), reg_mask=torch.ones(5),
+        )  # fmt: skip

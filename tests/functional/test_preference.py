@@ -253,3 +253,18 @@ def test_under_loss_module_the_count_is_the_pairs():
         logits, batch["input_ids"], batch["reference_logprobs"], batch["token_mask"], batch["sample_mask"]
     ).loss
     torch.testing.assert_close(loss, local)
+
+
+def test_sample_mask_without_token_mask():
+    """``sample_mask`` alone (no ``token_mask``) counts every token of the kept pairs."""
+    inputs = TestDPO().make_inputs(torch.float64, seed=1)
+    inputs.pop("token_mask")  # then every token counts: no padding ids, no NaN reference
+    inputs.pop("global_valid_seqs", None)
+    inputs["input_ids"] = inputs["input_ids"].clamp(min=0)
+    inputs["reference_logprobs"] = inputs["reference_logprobs"].nan_to_num(-1.0)
+    ones = torch.ones(inputs["input_ids"].shape)
+    alone = dpo_loss(**inputs, sft_weight=0.5)
+    explicit = dpo_loss(**inputs, token_mask=ones, sft_weight=0.5)
+    torch.testing.assert_close(torch.stack(list(alone)), torch.stack(list(explicit)))
+    nothing = dpo_loss(**(inputs | {"sample_mask": torch.zeros_like(inputs["sample_mask"])}))
+    assert nothing.loss.item() == 0.0

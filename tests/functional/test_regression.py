@@ -65,3 +65,24 @@ def test_per_sample_mask_with_global_count_counts_elements():
     count = keep.sum()  # what LossModule counts: mask entries, not elements
     parts = mse(preds[:2], target[:2], keep[:2], count) + mse(preds[2:], target[2:], keep[2:], count)
     torch.testing.assert_close(parts, F.mse_loss(preds[keep.bool()], target[keep.bool()]))
+
+
+def test_mask_type_errors_name_the_argument_and_dtype():
+    preds, target = torch.randn(4, 2), torch.randn(4, 2)
+    with pytest.raises(
+        TypeError, match=r"`mask` must be a bool, integer or floating mask, got shape \(4,\) and "
+    ):
+        mse(preds, target, torch.ones(4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="`mask` must be a torch.Tensor, got list"):
+        mse(preds, target, [1, 1, 0, 1])
+
+
+def test_masked_entries_get_a_zero_gradient_even_when_nan():
+    preds, target = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    keep = torch.tensor([True, False, True, True])
+    preds[1, 0], target[1, 1] = float("nan"), float("inf")
+    preds.requires_grad_()
+    loss = mse(preds, target, keep)
+    torch.testing.assert_close(loss, F.mse_loss(preds[keep], target[keep]))
+    (grad,) = torch.autograd.grad(loss, preds)
+    assert torch.count_nonzero(grad[1]) == 0 and torch.isfinite(grad).all()

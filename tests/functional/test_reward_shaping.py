@@ -258,3 +258,54 @@ def test_registry_and_options():
         RewardShapingLoss(discount=1.5)
     with pytest.raises(ValueError, match="`entropy_weight`"):
         RewardShapingLoss(entropy_weight=-1.0)
+
+
+def test_actions_out_of_range_are_refused_where_they_count():
+    batch = make_batch()
+    batch["actions"] = batch["actions"].clone()
+    batch["actions"][0] = 3  # 3 actions: indices 0..2
+    with pytest.raises(ValueError, match=r"`actions` must lie in \[0, 3\), got values in \[\d, 3\]"):
+        reward_shaping_loss(**batch)
+    batch["mask"] = batch["mask"].clone()
+    batch["mask"][0] = False  # a masked transition may hold anything (padding)
+    torch.testing.assert_close(
+        reward_shaping_loss(**batch), brute_force_loss(**cast(batch, torch.float64)).float()
+    )
+
+
+def test_ruled_out_actions_leave_every_term_unchanged():
+    """A -inf logit (invalid-action masking) of an action never taken: the loss and its gradient are those
+    of the same batch without that action (the entropy's 0·log 0 is 0, not NaN)."""
+    batch = cast(make_batch(), torch.float64)
+    with_column = batch | {
+        "policy_logits": torch.cat([batch["policy_logits"], torch.full((7, 1), -math.inf)], dim=1)
+    }
+    logits = with_column["policy_logits"].requires_grad_()
+    loss = reward_shaping_loss(**with_column)
+    torch.testing.assert_close(loss, brute_force_loss(**batch))
+    (grad,) = torch.autograd.grad(loss, logits)
+    plain = batch["policy_logits"].clone().requires_grad_()
+    (expected,) = torch.autograd.grad(reward_shaping_loss(**(batch | {"policy_logits": plain})), plain)
+    torch.testing.assert_close(grad[:, :-1], expected)
+    assert torch.count_nonzero(grad[:, -1]) == 0
+
+
+def test_masked_transitions_never_reach_the_loss_or_a_gradient():
+    batch = cast(make_batch(), torch.float64)
+    dropped = ~batch["mask"]
+    poisoned = dict(batch)
+    for name in ("policy_logits", "values", "advantages", "returns", "potentials", "next_potentials"):
+        poisoned[name] = batch[name].clone()
+        poisoned[name][dropped] = math.nan
+    logits, values = (poisoned[n].requires_grad_() for n in ("policy_logits", "values"))
+    loss = reward_shaping_loss(**poisoned)
+    torch.testing.assert_close(loss, brute_force_loss(**batch))
+    grads = torch.autograd.grad(loss, (logits, values))
+    assert all(torch.count_nonzero(g[dropped]) == 0 and torch.isfinite(g).all() for g in grads)
+
+
+def cast(batch, dtype):
+    return {
+        k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in batch.items()
+    }

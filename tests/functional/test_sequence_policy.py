@@ -441,3 +441,14 @@ def test_ddp_gradients_equal_one_process_on_the_global_batch(tmp_path):
             rtol=1e-6,
             atol=1e-9,
         )
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_sample_mask_without_token_mask(shift):
+    """``sample_mask`` alone (no ``token_mask``) counts every token of the kept sequences."""
+    g = torch.Generator().manual_seed(4)
+    logits, ids = torch.randn(3, 4, 5, generator=g), torch.randint(0, 5, (3, 4), generator=g)
+    args = {"advantages": torch.randn(3, generator=g), "sample_mask": torch.tensor([1.0, 0.0, 2.0])}
+    alone = sequence_policy_loss(logits, ids, **args, shift=shift)
+    explicit = sequence_policy_loss(logits, ids, token_mask=torch.ones(3, 4), **args, shift=shift)
+    torch.testing.assert_close(torch.stack(list(alone)), torch.stack(list(explicit)))
