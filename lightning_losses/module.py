@@ -51,17 +51,27 @@ many. Here the counts cover the whole loaded batch, so every valid token weighs 
 big batch. Use ``micro_batch_size`` to fit a large global batch in memory with exact normalization;
 ``accumulate_grad_batches`` when per-batch means are what you want.
 
-Non-finite losses (``nan_policy``)
-----------------------------------
-The finite check reads one flag per step (summed over ranks first, so every rank decides alike).
-``"raise"``: ``FloatingPointError`` on every rank. ``"skip"``: the step's gradients are zeroed (a
-zero-valued loss connected to every parameter is backpropagated, so DDP's gradient reduction still
-completes) and the optimizer step that would include them is not taken; ``train/skipped_steps``
-counts them. ``"warn"``: like ``"skip"`` and a warning.
+Non-finite losses and gradients (``nan_policy``)
+------------------------------------------------
+Checked once per optimizer step, after the backward pass: a non-finite training loss (any batch of an
+``accumulate_grad_batches`` window, any micro-batch) or a non-finite gradient (even with a finite
+loss: e.g. ``sqrt`` at 0). The losses and the gradients' norms (one fused ``torch._foreach_norm`` over
+the optimizer's gradients) are added up, summed over ranks in one all-reduce and read in one host read:
+NaN and ±inf propagate through the sum, and every rank takes the same branch (an exact element-wise
+check runs only when the sum is not finite). ``"raise"``:
+``FloatingPointError`` on every rank. ``"skip"``: the gradients are
+discarded and the optimizer step is not taken (weights and optimizer state untouched; Lightning still
+counts it in ``global_step``, and in automatic optimization a per-step LR scheduler still steps),
+``train/skipped_steps`` counts such steps; a non-finite loss is logged as 0 with weight 0, so it stays
+out of the epoch means (task metrics still see the step's predictions). ``"warn"``: like ``"skip"``
+and a warning. Under ``precision="16-mixed"`` the gradient scaler already skips steps with inf/NaN
+gradients (and lowers its scale): only losses are checked there.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -73,6 +83,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from lightning_losses.binding import Binding
+from lightning_losses.callbacks.resume import check_checkpoint
 from lightning_losses.loss_logger import LossLogger
 from lightning_losses.protocol import LossType, micro_batch_share, split_output
 
@@ -105,7 +116,8 @@ class LossModule(pl.LightningModule):
         output_key: the name of a model's tensor output.
         batch_keys: names of the elements of a tuple/list batch.
         preds_key / target_key: where the task metrics read predictions and targets.
-        nan_policy: what a non-finite training loss does: ``"raise"``, ``"skip"`` or ``"warn"``.
+        nan_policy: what a non-finite training loss or gradient does: ``"raise"``, ``"skip"`` (no
+            optimizer step) or ``"warn"`` (skip and warn); see the module docstring.
         lr_scheduler_interval / lr_scheduler_monitor: how Lightning steps the scheduler.
         upcast_inputs: cast fp16/bf16 floating loss inputs to float32.
         micro_batch_size: split each loaded training batch into micro-batches of this many rows and take
@@ -192,6 +204,11 @@ class LossModule(pl.LightningModule):
         self.automatic_optimization = micro_batch_size is None
         self.loss_binding = Binding(loss, input_map)
         self.model_binding = Binding(model, model_input_map)
+        # the global counts the loss asks for by parameter name (unless renamed to a batch key)
+        self._wanted_counts = frozenset(
+            {"global_valid_toks", "global_valid_seqs"}
+            & (set(self.loss_binding.names) - set(self.loss_binding.rename))
+        )
         # the loss's metrics: a weighted mean per key and stage; task metrics: `<stage>_task_metrics`
         self.loss_logger = LossLogger()
         if metrics is not None and not isinstance(metrics, MetricCollection):
@@ -201,7 +218,7 @@ class LossModule(pl.LightningModule):
             for stage in _STAGES:
                 setattr(self, f"{stage}_task_metrics", metrics.clone(prefix=f"{stage}/"))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        self._skip_pending_step = False
+        self._unchecked_loss: Tensor | None = None  # losses since the last optimizer step (nan_policy)
 
     # ------------------------------------------------------------------------------------------------
     # inputs
@@ -227,15 +244,16 @@ class LossModule(pl.LightningModule):
         batch = self.batch_as_dict(batch)
         binding = self.model_binding
         source = batch
-        required = [binding.source_key(name) for name in binding.required]
-        if len(required) == 1 and required[0] not in batch and self.batch_keys[0] in batch:
-            source = {**batch, required[0]: batch[self.batch_keys[0]]}
+        if len(binding.required) == 1:  # a one-input model reads the batch's first key by default
+            key = binding.source_key(binding.required[0])
+            if key not in batch and self.batch_keys[0] in batch:
+                source = {**batch, key: batch[self.batch_keys[0]]}
         args, kwargs = binding.bind([source], source_names=("batch",))
         out = self.model(*args, **kwargs)
-        if isinstance(out, Mapping):
-            return dict(out)
         if isinstance(out, Tensor):
             return {self.output_key: out}
+        if isinstance(out, Mapping):
+            return dict(out)
         if isinstance(getattr(out, self.output_key, None), Tensor):  # e.g. an object with `.logits`
             return {self.output_key: getattr(out, self.output_key)}
         raise TypeError(
@@ -296,11 +314,6 @@ class LossModule(pl.LightningModule):
         sample_key = getattr(self.loss, "sample_mask_key", "sample_mask")
         return self.loss_binding.source_key(token_key), self.loss_binding.source_key(sample_key)
 
-    def _requested_counts(self) -> set[str]:
-        """The global counts the loss asks for by parameter name (unless renamed to a batch key)."""
-        binding = self.loss_binding
-        return {"global_valid_toks", "global_valid_seqs"} & (set(binding.names) - set(binding.rename))
-
     def _counts(self, batch: Mapping[str, Any], kwargs: Mapping[str, Any]) -> _Counts | None:
         """The global counts the loss asks for, from the batch and the loss's ``valid_tokens``.
 
@@ -308,7 +321,7 @@ class LossModule(pl.LightningModule):
         mask in the batch and no ``valid_tokens`` from the loss): the loss then averages over its own
         inputs.
         """
-        wanted = self._requested_counts()
+        wanted = set(self._wanted_counts)
         token_weights = None
         if "global_valid_toks" in wanted:
             valid_tokens = getattr(self.loss, "valid_tokens", None)
@@ -327,7 +340,7 @@ class LossModule(pl.LightningModule):
 
     def _batch_counts(self, batch: dict[str, Any]) -> _Counts | None:
         """The global counts of a whole loaded batch, before any model call (for micro-batches)."""
-        wanted = self._requested_counts()
+        wanted = self._wanted_counts
         if not wanted:
             return None
         special = {"data": batch, "model": self.model} | dict.fromkeys(wanted)
@@ -349,7 +362,7 @@ class LossModule(pl.LightningModule):
         ``counts``: the counts to pass (a micro-batch gets its loaded batch's); by default they are
         taken from this batch.
         """
-        wanted = self._requested_counts()
+        wanted = self._wanted_counts
         special: dict[str, Any] = {"data": batch, "model": self.model} | dict.fromkeys(wanted)
         args, kwargs = self.loss_binding.bind([outputs, batch], special=special)
         if self.upcast_inputs:
@@ -357,7 +370,7 @@ class LossModule(pl.LightningModule):
             kwargs = {k: v if k in special else _upcast(v) for k, v in kwargs.items()}
         if counts is None and wanted:
             counts = self._counts(batch, kwargs)
-        for name in wanted - set(counts.given if counts is not None else ()):
+        for name in wanted.difference(counts.given if counts is not None else ()):
             kwargs.pop(name, None)
         if counts is None:
             return args, kwargs, None
@@ -379,19 +392,22 @@ class LossModule(pl.LightningModule):
                 f"{type(self.loss).__name__} returned a loss of shape {tuple(loss.shape)}; "
                 "it must be a scalar (use reduction='mean' or 'sum')"
             )
-        partial = {"loss", *getattr(self.loss, "partial_metrics", ())} if global_count is not None else set()
-        scale = self._world_size()
-        if partial and scale != 1:
-            loss = loss * scale
-            metrics = {k: v * scale if k in partial else v for k, v in metrics.items()}
-        if global_count is None and share != 1.0:  # a local mean: this micro-batch's share of the batch's
+        partial = _NOTHING
+        if global_count is not None:
+            partial = frozenset({"loss", *getattr(self.loss, "partial_metrics", ())})
+            scale = self._world_size()
+            if scale != 1:
+                loss = loss * scale
+                metrics = {k: v * scale if k in partial else v for k, v in metrics.items()}
+        elif share != 1.0:  # a local mean: this micro-batch's share of the loaded batch's
             loss = loss * share
-        metrics = {k: v.to(self.device) for k, v in metrics.items()}
+        device = self.device
+        metrics = {k: v if v.device == device else v.to(device) for k, v in metrics.items()}
         # Epoch means are means over elements: a (rank-summed) globally normalized value weighs as
         # many as its global count, a local mean as many samples as the batch holds.
         batch_size = _batch_size(batch)
         weights = {k: global_count if k in partial else batch_size for k in metrics}
-        return _StepResult(loss, metrics, outputs, batch, weights, frozenset(partial))
+        return _StepResult(loss, metrics, outputs, batch, weights, partial)
 
     def _log_metrics(
         self, stage: Stage, metrics: Mapping[str, Tensor], weights: Mapping[str, Tensor | int]
@@ -423,16 +439,58 @@ class LossModule(pl.LightningModule):
         if self.micro_batch_size is not None:
             return self._micro_batch_training_step(batch)
         loss, metrics, outputs, batch, weights, _ = self._step(batch)
-        nonfinite = self._nonfinite_ranks(loss)
-        if bool(nonfinite > 0):  # the one host read per step: every rank takes the same branch
-            return self._non_finite_step(loss, int(nonfinite))
+        self._track_nonfinite(loss)  # no host read here: `optimizer_step` decides after backward
+        if self.nan_policy != "raise":  # a skipped step stays out of the epoch means
+            metrics, weights = _mask_nonfinite(metrics, weights, torch.isfinite(loss.detach()))
         self._log_metrics("train", metrics, weights)
         self._update_task_metrics("train", outputs, batch)
         return loss
 
-    def _nonfinite_ranks(self, loss: Tensor) -> Tensor:
-        """How many ranks hold a non-finite ``loss`` (one all-reduce)."""
-        return self._all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.float32))
+    def _track_nonfinite(self, loss: Tensor) -> None:
+        """Keep ``loss`` (summed over an accumulation window) for the check at the optimizer step."""
+        loss = loss.detach()
+        pending = self._unchecked_loss
+        self._unchecked_loss = loss if pending is None else pending + loss
+
+    def _gradients(self, optimizer: Any) -> list[Tensor]:
+        """The gradients the optimizer would use; none under a ``16-mixed`` gradient scaler, which skips
+        steps with inf/NaN gradients itself."""
+        if getattr(self._trainer.precision_plugin, "scaler", None) is not None:
+            return []
+        return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def _nonfinite_ranks(self, losses: Tensor | None, optimizer: Any) -> Tensor:
+        """``[ranks with a non-finite loss, ranks with a non-finite gradient]``: the diagnosis after a
+        failed check (more reads and one all-reduce, which every rank reaches together)."""
+        loss_flag = 0.0 if losses is None else float(not bool(torch.isfinite(losses)))
+        grad_flag = float(any(not bool(torch.isfinite(g).all()) for g in self._gradients(optimizer)))
+        return self._all_reduce_sum(torch.tensor([loss_flag, grad_flag], device=self.device))
+
+    def _step_is_finite(self, optimizer: Any) -> bool:
+        """The one host read per optimizer step; applies ``nan_policy`` (raise, or zero the gradients).
+
+        The value read is the sum of this step's losses and of each gradient's L2 norm (one fused
+        ``torch._foreach_norm`` over the optimizer's gradients), summed over ranks: NaN and ±inf
+        propagate through it, so it is finite whenever every loss and gradient on every rank is; when it
+        is not, an exact element-wise diagnosis decides (finite values whose squares or sum overflowed
+        are then found finite, and the step is taken)."""
+        losses, self._unchecked_loss = self._unchecked_loss, None
+        grads = self._gradients(optimizer)
+        parts = [*torch._foreach_norm(grads)] if grads else []
+        if losses is not None:
+            parts.append(losses)
+        if not parts:
+            return True
+        check = self._all_reduce_sum(torch.stack(parts).sum())  # torch.stack promotes mixed dtypes
+        if math.isfinite(check.item()):  # the one host read per step: every rank reads the same value
+            return True
+        loss_ranks, grad_ranks = self._nonfinite_ranks(losses, optimizer).tolist()
+        if loss_ranks == 0 and grad_ranks == 0:  # finite values whose sum overflowed
+            return True
+        self._report_non_finite(int(loss_ranks), int(grad_ranks), optimizer)
+        self.skipped_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        return False
 
     def _micro_batch_training_step(self, batch: Any) -> Tensor:
         """One optimizer step over a loaded batch cut into micro-batches (see the module docstring)."""
@@ -453,12 +511,8 @@ class LossModule(pl.LightningModule):
                 value = value if key in result.partial else value * share
                 metrics[key] = metrics[key] + value if key in metrics else value
             self._update_task_metrics("train", result.outputs, part)
-        nonfinite = self._nonfinite_ranks(total)
-        if bool(nonfinite > 0):  # the one host read per step: every rank takes the same branch
-            self._report_non_finite(total, int(nonfinite))
-            self.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-        else:
+        self._track_nonfinite(total)
+        if self._step_is_finite(optimizer):  # the one host read per step, after every backward
             global_count = counts.divisor if counts is not None else batch_size
             self._log_metrics(
                 "train", metrics, {k: global_count if k in result.partial else batch_size for k in metrics}
@@ -486,6 +540,9 @@ class LossModule(pl.LightningModule):
         else:
             scheduler.step()
 
+    def on_train_start(self) -> None:
+        self._unchecked_loss = None  # a fit interrupted between a step and its optimizer step left one
+
     def on_train_epoch_end(self) -> None:
         if not self.automatic_optimization:
             self._step_schedulers("epoch")
@@ -496,18 +553,23 @@ class LossModule(pl.LightningModule):
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
 
-    def _non_finite_step(self, loss: Tensor, ranks: int) -> Tensor:
-        """Apply ``nan_policy``; under ``skip``/``warn``, a zero loss connected to every parameter."""
-        self._report_non_finite(loss, ranks)
-        self._skip_pending_step = True
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.stack([p.sum() for p in params]).sum() * 0.0
-
-    def _report_non_finite(self, loss: Tensor, ranks: int) -> None:
-        message = (
-            f"non-finite training loss ({loss.detach().float().item()} on rank {self.global_rank}; "
-            f"{ranks} rank(s) affected) at global step {self.global_step}"
-        )
+    def _report_non_finite(self, loss_ranks: int, grad_ranks: int, optimizer: Any) -> None:
+        """Raise or warn (``nan_policy``) about the non-finite losses / gradients of this step."""
+        world = self._world_size()
+        if loss_ranks:
+            what = f"non-finite training loss on {loss_ranks} of {world} rank(s)"
+        else:  # gradients are read again only here, on the failure path
+            names = {id(p): n for n, p in self.named_parameters()}
+            bad = [
+                names.get(id(p), "?")
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            ]
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            shown = shown or "on another rank"
+            what = f"non-finite gradient with a finite training loss (parameters: {shown})"
+        message = f"{what} at global step {self.global_step}"
         if self.nan_policy == "raise":
             raise FloatingPointError(message + "; set nan_policy='skip' to skip such steps")
         if self.nan_policy == "warn":
@@ -520,16 +582,13 @@ class LossModule(pl.LightningModule):
         optimizer: Any,
         optimizer_closure: Callable[[], Any] | None = None,
     ) -> None:
-        if self.nan_policy == "raise" or optimizer_closure is None:
+        if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         result = optimizer_closure()  # forward + backward of the last batch of the window
-        if self._skip_pending_step:
-            self._skip_pending_step = False
-            self.skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step(closure=lambda: result)
-        self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+        if self._step_is_finite(optimizer):  # the one host read per step
+            optimizer.step(closure=lambda: result)  # the precision plugin unscales, clips, steps
+        if self.nan_policy != "raise":
+            self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
         return None
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -546,6 +605,14 @@ class LossModule(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         return self(batch)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """``LightningModule.load_from_checkpoint`` after ``callbacks.check_checkpoint``: a truncated or
+        corrupted local file is one clear ``CheckpointError`` naming it."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
+            check_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------
     # optimization
@@ -614,9 +681,21 @@ def split_batch(batch: Mapping[str, Any], micro_batch_size: int) -> list[dict[st
     ]
 
 
+_NOTHING: frozenset[str] = frozenset()
+
+
 def _batch_size(batch: Mapping[str, Any]) -> int:
     first = next((v for v in batch.values() if isinstance(v, Tensor) and v.ndim > 0), None)
     return 1 if first is None else first.shape[0]
+
+
+def _mask_nonfinite(
+    metrics: dict[str, Tensor], weights: Mapping[str, Tensor | int], finite: Tensor
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A step with a non-finite loss logs 0 with weight 0: it stays out of the epoch means."""
+    keep = finite.to(torch.float32)
+    masked = {key: torch.where(finite, value, torch.zeros_like(value)) for key, value in metrics.items()}
+    return masked, {key: weights[key] * keep for key in metrics}
 
 
 def _upcast(value: Any) -> Any:

@@ -1,0 +1,335 @@
+"""``nan_policy`` against injected faults: a non-finite loss or a non-finite *gradient* (finite loss), in one
+process (automatic optimization, ``accumulate_grad_batches``, ``micro_batch_size``) and under 2-process
+DDP (ddp_spawn, gloo) with the fault on one rank only.
+
+Gradient faults: ``SqrtResidualLoss`` is the L1 loss written as ``sqrt(r²)``, whose derivative at a zero
+residual is 0/0 = NaN (a finite loss, a NaN gradient: the classic bug); ``InfGradRegressor`` is a model
+whose backward multiplies the gradient by inf when its batch says so (a rank-local fault under DDP).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_losses import LossModule
+from tests.helpers import (
+    DestroyProcessGroup,
+    PoisonableTokenLoss,
+    RankShardData,
+    RecordGradients,
+    TokenRegressor,
+    TokenSquaredError,
+    quiet_trainer,
+    token_shards,
+)
+
+SGD = functools.partial(torch.optim.SGD, lr=0.1)
+ADAMW = functools.partial(torch.optim.AdamW, lr=0.05)
+
+
+class SqrtResidualLoss(torch.nn.Module):
+    """mean over valid tokens of sqrt((preds - target)²): finite everywhere, NaN gradient at a 0 residual."""
+
+    def forward(self, preds: Tensor, target: Tensor, token_mask: Tensor) -> Tensor:
+        residual = (preds - target)[token_mask]
+        return torch.sqrt(residual**2).mean()
+
+
+class _InfGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, poison: Tensor) -> Tensor:
+        ctx.save_for_backward(poison)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (poison,) = ctx.saved_tensors
+        return torch.where(poison.any(), grad * float("inf"), grad), None
+
+
+class InfGradRegressor(TokenRegressor):
+    """TokenRegressor whose backward makes inf gradients when ``poison`` is set (the loss stays finite)."""
+
+    def forward(self, features: Tensor, poison: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
+        return {"preds": _InfGradient.apply(super().forward(features)["preds"], poison)}
+
+
+def batches(n: int, dtype: torch.dtype = torch.float32) -> list[dict[str, Tensor]]:
+    return [token_shards(dtype, seed=seed)[0] | {"poison": torch.tensor(False)} for seed in range(n)]
+
+
+def zero_residual(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Make one valid token's target equal the prediction of a zero-initialized model (0)."""
+    target = batch["target"].clone()
+    target[0, 0] = 0.0
+    return batch | {"target": target}
+
+
+def zero_model() -> TokenRegressor:
+    model = TokenRegressor()
+    torch.nn.init.zeros_(model.linear.weight)
+    torch.nn.init.zeros_(model.linear.bias)
+    return model
+
+
+class Snapshots(pl.Callback):
+    def __init__(self) -> None:
+        self.weights: list[Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights.append(pl_module.model.linear.weight.detach().clone())
+
+
+def test_sqrt_residual_loss_is_finite_with_a_nan_gradient():
+    model = zero_model()
+    batch = zero_residual(batches(1)[0])
+    loss = SqrtResidualLoss()(model(batch["features"])["preds"], batch["target"], batch["token_mask"])
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isnan(model.linear.weight.grad).any()
+
+
+def poison(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return batch | {"poison": torch.tensor(True)}
+
+
+def test_nonfinite_gradient_with_finite_loss_skip_takes_no_step():
+    data = batches(3)
+    data[1] = poison(data[1])  # InfGradRegressor: an inf gradient at step 1, the loss stays finite
+    snapshots = Snapshots()
+    torch.manual_seed(0)
+    module = LossModule(InfGradRegressor(), TokenSquaredError(), optimizer=ADAMW, nan_policy="skip")
+    trainer = quiet_trainer(max_steps=3, callbacks=[snapshots])
+    trainer.fit(module, DataLoader(data, batch_size=None))
+    assert module.skipped_steps.item() == 1
+    assert torch.equal(snapshots.weights[0], snapshots.weights[1])  # the faulty step changed nothing
+    assert not torch.equal(snapshots.weights[1], snapshots.weights[2])  # and training went on
+    assert torch.isfinite(snapshots.weights[2]).all()
+    steps = {int(state["step"]) for state in trainer.optimizers[0].state.values()}
+    assert steps == {2}  # AdamW stepped twice: its state did not see the skipped step
+
+
+def test_sqrt_at_zero_gradient_fault_skip_then_trains_on():
+    data = batches(2)
+    data[0] = zero_residual(data[0])  # a zero residual for the zero-initialized model: NaN gradient
+    module = LossModule(zero_model(), SqrtResidualLoss(), optimizer=SGD, nan_policy="skip")
+    quiet_trainer(max_steps=2).fit(module, DataLoader(data, batch_size=None))
+    assert module.skipped_steps.item() == 1
+    weight = module.model.linear.weight
+    assert torch.isfinite(weight).all() and weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 2])
+def test_nonfinite_gradient_raise_names_the_parameters(micro_batch_size):
+    data = [zero_residual(batches(1)[0])]
+    module = LossModule(zero_model(), SqrtResidualLoss(), micro_batch_size=micro_batch_size)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient with a finite training loss.*model\."):
+        quiet_trainer(max_steps=1).fit(module, DataLoader(data, batch_size=None))
+
+
+def test_nonfinite_gradient_warn():
+    data = batches(2)
+    data[0] = zero_residual(data[0])
+    module = LossModule(zero_model(), SqrtResidualLoss(), optimizer=SGD, nan_policy="warn")
+    with pytest.warns(UserWarning, match="non-finite gradient.*skipping the optimizer step"):
+        quiet_trainer(max_steps=2).fit(module, DataLoader(data, batch_size=None))
+    assert module.skipped_steps.item() == 1 and torch.isfinite(module.model.linear.weight).all()
+
+
+@pytest.mark.parametrize("fault", ["loss", "gradient"])
+def test_accumulation_window_with_a_fault_in_its_first_batch_is_skipped_whole(fault):
+    """A fault in the first batch of an ``accumulate_grad_batches=2`` window is caught at the window's
+    optimizer step (the loss flags are kept until then); the clean windows match a clean run's."""
+    data = batches(6)
+    data[2] = poison(data[2])
+    if fault == "loss":  # NaN loss with a finite (zero) gradient: only the kept flag reveals it
+        loss, model = PoisonableTokenLoss(), TokenRegressor
+    else:  # inf gradient, finite loss
+        loss, model = TokenSquaredError(), InfGradRegressor
+    torch.manual_seed(0)
+    module = LossModule(model(), loss, optimizer=SGD, nan_policy="skip")
+    snapshots = Snapshots()
+    trainer = quiet_trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[snapshots])
+    trainer.fit(module, DataLoader(data, batch_size=None))
+    assert trainer.global_step == 3 and module.skipped_steps.item() == 1  # a skipped step still counts
+    assert torch.equal(snapshots.weights[1], snapshots.weights[3])  # window 2 (batches 2, 3) skipped
+    assert not torch.equal(snapshots.weights[3], snapshots.weights[5])
+
+    # reference: the same run without the faulty window equals it step for step
+    torch.manual_seed(0)
+    clean = LossModule(model(), loss, optimizer=SGD, nan_policy="skip")
+    clean_data = data[:2] + data[4:]
+    quiet_trainer(max_epochs=1, accumulate_grad_batches=2).fit(clean, DataLoader(clean_data, batch_size=None))
+    assert torch.equal(clean.model.linear.weight, module.model.linear.weight)
+
+
+def test_micro_batches_with_a_gradient_fault_in_one_micro_batch_skip():
+    data = batches(3)
+    data[0] = zero_residual(data[0])  # row 0 holds the zero residual: the first micro-batch of step 0
+    module = LossModule(
+        zero_model(), SqrtResidualLoss(), optimizer=SGD, nan_policy="skip", micro_batch_size=2
+    )
+    snapshots = Snapshots()
+    quiet_trainer(max_epochs=1, callbacks=[snapshots]).fit(module, DataLoader(data, batch_size=None))
+    assert module.skipped_steps.item() == 1
+    assert snapshots.weights[0].abs().sum() == 0  # step 0 skipped: still the zero initialization
+    assert not torch.equal(snapshots.weights[0], snapshots.weights[1])
+    assert torch.isfinite(snapshots.weights[2]).all()
+
+
+def test_clean_steps_read_the_host_once_per_step(monkeypatch):
+    """The finite check costs one host read per optimizer step: count every read of a tensor's value."""
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    trainer = quiet_trainer(max_steps=4)
+    module = LossModule(TokenRegressor(), TokenSquaredError(), optimizer=SGD, nan_policy="skip")
+    baseline = {}
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            baseline[batch_idx] = reads["n"]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            baseline[batch_idx] = reads["n"] - baseline[batch_idx]
+
+    trainer.callbacks.append(Count())
+    trainer.fit(module, DataLoader(batches(4), batch_size=None))
+    assert baseline == {0: 1, 1: 1, 2: 1, 3: 1}, baseline
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2-process DDP (ddp_spawn, gloo), the fault on rank 1 only
+# ---------------------------------------------------------------------------------------------------
+
+
+class RecordingLossModule(LossModule):
+    """LossModule whose ranks each record the ``FloatingPointError`` they stop with, then wait (at most 60
+    s) for the other ranks' records before raising: ``mp.spawn`` terminates the other workers as soon as
+    one exits with an error, which would race a slower rank's record (and Lightning calls callbacks'
+    ``on_exception`` only in the launching process). A rank that never raises leaves its record missing."""
+
+    record_directory: Path | None = None
+
+    def optimizer_step(self, *args, **kwargs):
+        try:
+            return super().optimizer_step(*args, **kwargs)
+        except FloatingPointError as error:
+            directory = self.record_directory
+            (directory / f"exception_rank{self.global_rank}.txt").write_text(repr(error))
+            records = [directory / f"exception_rank{rank}.txt" for rank in range(self.trainer.world_size)]
+            deadline = time.monotonic() + 60
+            while not all(path.exists() for path in records) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            raise
+
+
+def ddp_fit(directory: Path, per_rank: list[list[dict]], model: torch.nn.Module, loss, **module_kwargs):
+    directory.mkdir(exist_ok=True)
+    module = RecordingLossModule(model, loss, optimizer=SGD, **module_kwargs)
+    module.record_directory = directory
+    trainer = quiet_trainer(
+        devices=2,
+        strategy="ddp_spawn",
+        precision="64-true",
+        max_epochs=1,
+        use_distributed_sampler=False,
+        callbacks=[RecordGradients(directory), DestroyProcessGroup()],
+    )
+    trainer.fit(module, datamodule=RankShardData(per_rank))
+
+
+def poisoned_on_rank1(step: int, steps: int = 3) -> list[list[dict]]:
+    shards = [token_shards(seed=seed) for seed in range(steps)]
+    clean = {"poison": torch.tensor(False)}
+    per_rank = [[s[0] | clean for s in shards], [s[1] | clean for s in shards]]
+    per_rank[1][step] = per_rank[1][step] | {"poison": torch.tensor(True)}
+    return per_rank
+
+
+def inf_grad_model() -> InfGradRegressor:
+    torch.manual_seed(0)
+    return InfGradRegressor().double()
+
+
+def assert_ranks_identical_and_step_skipped(directory: Path, skipped_batch: int, steps: int = 3) -> None:
+    states = [[torch.load(directory / f"state_rank{r}_batch{b}.pt") for b in range(steps)] for r in range(2)]
+    for batch in range(steps):
+        for name, weight in states[0][batch]["weights"].items():
+            assert torch.equal(weight, states[1][batch]["weights"][name]), (batch, name)
+    assert all(states[r][-1]["skipped_steps"].item() == 1 for r in range(2))
+    weights = [states[0][b]["weights"]["model.linear.weight"] for b in range(steps)]
+    assert torch.equal(weights[skipped_batch - 1], weights[skipped_batch])  # both ranks skipped it
+    assert not torch.equal(weights[skipped_batch], weights[skipped_batch + 1])  # and trained on
+    assert torch.isfinite(weights[-1]).all()
+
+
+def assert_every_rank_stopped_with(directory: Path, pattern: str) -> None:
+    for rank in range(2):
+        recorded = (directory / f"exception_rank{rank}.txt").read_text()
+        assert "FloatingPointError" in recorded and pattern in recorded, (rank, recorded)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_gradient_fault_on_one_rank_skip(tmp_path):
+    """The inf gradient of rank 1 reaches rank 0 through DDP's all-reduce: both skip, no deadlock."""
+    ddp_fit(
+        tmp_path / "run", poisoned_on_rank1(step=1), inf_grad_model(), TokenSquaredError(), nan_policy="skip"
+    )
+    assert_ranks_identical_and_step_skipped(tmp_path / "run", skipped_batch=1)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_gradient_fault_on_one_rank_raise_stops_both_processes(tmp_path):
+    with pytest.raises(Exception, match="non-finite gradient"):
+        ddp_fit(tmp_path / "run", poisoned_on_rank1(step=0, steps=1), inf_grad_model(), TokenSquaredError())
+    assert_every_rank_stopped_with(tmp_path / "run", "non-finite gradient with a finite training loss")
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_loss_fault_on_one_rank_raise_stops_both_processes(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(Exception, match="non-finite training loss"):
+        ddp_fit(
+            tmp_path / "run",
+            poisoned_on_rank1(step=0, steps=1),
+            TokenRegressor().double(),
+            PoisonableTokenLoss(),
+        )
+    assert_every_rank_stopped_with(tmp_path / "run", "non-finite training loss on 1 of 2 rank(s)")
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_micro_batches_loss_fault_on_one_rank_skip(tmp_path):
+    """The manual-optimization path (``micro_batch_size``): rank 1's NaN loss skips the step on both."""
+    torch.manual_seed(0)
+    ddp_fit(
+        tmp_path / "run",
+        poisoned_on_rank1(step=1),
+        TokenRegressor().double(),
+        PoisonableTokenLoss(),
+        nan_policy="skip",
+        micro_batch_size=2,
+    )
+    assert_ranks_identical_and_step_skipped(tmp_path / "run", skipped_batch=1)
