@@ -218,7 +218,9 @@ class LossModule(pl.LightningModule):
             for stage in _STAGES:
                 setattr(self, f"{stage}_task_metrics", metrics.clone(prefix=f"{stage}/"))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        self._unchecked_loss: Tensor | None = None  # losses since the last optimizer step (nan_policy)
+        # losses since the last optimizer step (nan_policy); a list, not a tensor attribute: a step would
+        # pay for two `nn.Module.__setattr__` calls
+        self._unchecked_losses: list[Tensor] = []
 
     # ------------------------------------------------------------------------------------------------
     # inputs
@@ -447,10 +449,8 @@ class LossModule(pl.LightningModule):
         return loss
 
     def _track_nonfinite(self, loss: Tensor) -> None:
-        """Keep ``loss`` (summed over an accumulation window) for the check at the optimizer step."""
-        loss = loss.detach()
-        pending = self._unchecked_loss
-        self._unchecked_loss = loss if pending is None else pending + loss
+        """Keep ``loss`` (every one of an accumulation window) for the check at the optimizer step."""
+        self._unchecked_losses.append(loss.detach())
 
     def _gradients(self, optimizer: Any) -> list[Tensor]:
         """The gradients the optimizer would use; none under a ``16-mixed`` gradient scaler, which skips
@@ -459,10 +459,10 @@ class LossModule(pl.LightningModule):
             return []
         return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
-    def _nonfinite_ranks(self, losses: Tensor | None, optimizer: Any) -> Tensor:
+    def _nonfinite_ranks(self, losses: list[Tensor], optimizer: Any) -> Tensor:
         """``[ranks with a non-finite loss, ranks with a non-finite gradient]``: the diagnosis after a
         failed check (more reads and one all-reduce, which every rank reaches together)."""
-        loss_flag = 0.0 if losses is None else float(not bool(torch.isfinite(losses)))
+        loss_flag = float(any(not bool(torch.isfinite(loss)) for loss in losses))
         grad_flag = float(any(not bool(torch.isfinite(g).all()) for g in self._gradients(optimizer)))
         return self._all_reduce_sum(torch.tensor([loss_flag, grad_flag], device=self.device))
 
@@ -474,11 +474,10 @@ class LossModule(pl.LightningModule):
         propagate through it, so it is finite whenever every loss and gradient on every rank is; when it
         is not, an exact element-wise diagnosis decides (finite values whose squares or sum overflowed
         are then found finite, and the step is taken)."""
-        losses, self._unchecked_loss = self._unchecked_loss, None
         grads = self._gradients(optimizer)
-        parts = [*torch._foreach_norm(grads)] if grads else []
-        if losses is not None:
-            parts.append(losses)
+        losses = self._unchecked_losses.copy()
+        self._unchecked_losses.clear()
+        parts = [*torch._foreach_norm(grads), *losses] if grads else losses
         if not parts:
             return True
         check = self._all_reduce_sum(torch.stack(parts).sum())  # torch.stack promotes mixed dtypes
@@ -541,7 +540,7 @@ class LossModule(pl.LightningModule):
             scheduler.step()
 
     def on_train_start(self) -> None:
-        self._unchecked_loss = None  # a fit interrupted between a step and its optimizer step left one
+        self._unchecked_losses.clear()  # a fit interrupted between a step and its optimizer step left one
 
     def on_train_epoch_end(self) -> None:
         if not self.automatic_optimization:
