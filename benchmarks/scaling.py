@@ -17,8 +17,9 @@ Variants, each one forward + backward (inputs that require grad, random data, fi
   (:func:`~lightning_losses.functional.focal.focal_loss`, ``gamma=2``). Linear in ``N``: the table prints
   time / N (µs per token) and its ratio to the smallest size's (1.0 = exactly linear);
 - pairwise losses on a batch of ``N`` embeddings ``[N, D]`` (labels: ``N // 8`` classes, so every row has
-  positives): ``contrastive`` (margin), ``supcon`` and ``supcon_chunked`` (``chunk_size``), ``infonce`` and
-  ``infonce_chunked`` (two views of ``N / 2`` pairs: the same ``N`` rows in the similarity matrix).
+  positives): ``contrastive`` (margin), ``supcon``, ``infonce`` and their ``*_chunked`` variants
+  (``chunk_size``); ``infonce`` takes two views of ``N / 2`` pairs (the same ``N`` rows in the similarity
+  matrix).
 
 Time: the median of ``--repeats`` runs after one warm-up run, all variants of one size in one process,
 alternately (a change of load on a shared machine hits all of them alike).
@@ -71,7 +72,14 @@ __all__ = [
 ]
 
 TOKEN_VARIANTS = ("cross_entropy", "focal")
-PAIR_VARIANTS = ("contrastive", "supcon", "supcon_chunked", "infonce", "infonce_chunked")
+PAIR_VARIANTS = (
+    "contrastive",
+    "contrastive_chunked",
+    "supcon",
+    "supcon_chunked",
+    "infonce",
+    "infonce_chunked",
+)
 MIB, GIB = 2**20, 2**30
 
 
@@ -98,6 +106,9 @@ def loss_fn(variant: str, chunk_size: int) -> Callable[[dict[str, torch.Tensor]]
         "cross_entropy": lambda x: cross_entropy(x["logits"], x["target"]),
         "focal": lambda x: focal_loss(x["logits"], x["target"], gamma=2.0),
         "contrastive": lambda x: contrastive_loss(x["embeddings"], x["target"]),
+        "contrastive_chunked": lambda x: contrastive_loss(
+            x["embeddings"], x["target"], chunk_size=chunk_size
+        ),
         "supcon": lambda x: supervised_contrastive_loss(x["embeddings"], x["target"]),
         "supcon_chunked": lambda x: supervised_contrastive_loss(
             x["embeddings"], x["target"], chunk_size=chunk_size

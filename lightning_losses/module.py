@@ -387,8 +387,11 @@ class LossModule(pl.LightningModule):
         batch = self.batch_as_dict(batch)
         outputs = self(batch)
         args, kwargs, global_count = self._loss_inputs(batch, outputs, counts)
-        with micro_batch_share(share):
+        if share == 1.0:
             loss, metrics = split_output(self.loss(*args, **kwargs))
+        else:
+            with micro_batch_share(share):
+                loss, metrics = split_output(self.loss(*args, **kwargs))
         if loss.ndim != 0:
             raise ValueError(
                 f"{type(self.loss).__name__} returned a loss of shape {tuple(loss.shape)}; "
@@ -403,7 +406,7 @@ class LossModule(pl.LightningModule):
                 metrics = {k: v * scale if k in partial else v for k, v in metrics.items()}
         elif share != 1.0:  # a local mean: this micro-batch's share of the loaded batch's
             loss = loss * share
-        device = self.device
+        device = loss.device  # the model's; a metric a loss made as a Python number is on the CPU
         metrics = {k: v if v.device == device else v.to(device) for k, v in metrics.items()}
         # Epoch means are means over elements: a (rank-summed) globally normalized value weighs as
         # many as its global count, a local mean as many samples as the batch holds.
