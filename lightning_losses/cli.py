@@ -18,6 +18,8 @@ serves both the first start and every restart. Save ``last`` often enough
 ``lightning_losses.callbacks.ResumableTraining`` so that the resumed run also replays the interrupted
 epoch's batch order and RNG streams: its final weights then equal an uninterrupted run's.
 
+``test`` / ``validate`` / ``predict`` with ``--ckpt_path last`` load the same newest ``last*.ckpt``.
+
 Every checkpoint given by ``--ckpt_path`` (a path, or ``last`` once resolved) is checked first
 (:func:`~lightning_losses.callbacks.check_checkpoint`: complete zip structure, CRC-32 of every record):
 a truncated or corrupted file stops the command with one line naming the file and the fault.
@@ -63,14 +65,16 @@ class LossCLI(LightningCLI):
             return
         config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path == "last" and subcommand == "fit":
+        if ckpt_path == "last":
             found = newest_last_checkpoint(config.get("trainer"))
             if found is not None:
                 path, version = found
-                rank_zero_info(f"--ckpt_path last: resuming from {path}")
-                config["ckpt_path"] = str(path)
-                _set_logger_version(config.get("trainer"), version)
-                ckpt_path = str(path)
+                config["ckpt_path"] = ckpt_path = str(path)
+                if subcommand == "fit":
+                    rank_zero_info(f"--ckpt_path last: resuming from {path}")
+                    _set_logger_version(config.get("trainer"), version)
+                else:  # validate / test / predict the newest run's last weights, logged as a new run
+                    rank_zero_info(f"--ckpt_path last: {path}")
         if ckpt_path and ckpt_path not in _SPECIAL_CKPT_PATHS and "://" not in str(ckpt_path):
             check_checkpoint(ckpt_path)  # before LightningCLI reads its hyperparameters with torch.load
 

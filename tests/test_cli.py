@@ -58,6 +58,12 @@ def test_fit_from_yaml_and_reload_checkpoint_without_passing_modules(tmp_path):
         for name, weight in evaluated.model.state_dict().items():
             assert torch.equal(weight, trained.state_dict()[name]), name
 
+    # `--ckpt_path last` in a fresh CLI finds fit's checkpoint in the config's run directory
+    evaluated = build_cli(["test", *fit_args(tmp_path, "--ckpt_path=last")[1:]])
+    assert evaluated.trainer.ckpt_path == str(last_checkpoint(tmp_path))
+    for name, weight in evaluated.model.state_dict().items():
+        assert torch.equal(weight, trained.state_dict()[name]), name
+
 
 def test_learnable_loss_parameter_is_restored_from_checkpoint(tmp_path):
     config = yaml.safe_load(MAIN_CONFIG.read_text())
