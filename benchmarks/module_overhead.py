@@ -21,7 +21,8 @@ checkpoint, no progress bar, no logger: ``self.log`` still runs Lightning's whol
   non-finite check, ...).
 
 Time per step: a callback reads ``time.perf_counter`` at the start and the end of every training epoch;
-the first ``--warmup-epochs`` epochs are left out, the rest are summed and divided by their steps. Runs are
+the first ``--warmup-epochs`` epochs are left out; a run's time per step is the median over the rest of
+each epoch's time / steps (a burst of load on a shared machine spoils an epoch, not the run). Runs are
 interleaved (each repeat runs every variant once, in an order rotated by one from the last repeat's), each
 a fresh model, Trainer and seed, so that a change of load on a shared machine hits all alike. Reported:
 each variant's median steps per second, its overhead
@@ -145,13 +146,13 @@ def time_fit(
     trainer = _trainer(epochs, device, [timer])
     trainer.fit(module, datamodule=data)
     measured = timer.epochs[warmup_epochs:]
-    seconds, cpu_seconds, steps = (sum(column) for column in zip(*measured, strict=True))
+    step_time = statistics.median(seconds / steps for seconds, _, steps in measured)
     return {
         "variant": variant,
-        "step_time_s": seconds / steps,
-        "steps_per_s": steps / seconds,
-        "step_cpu_time_s": cpu_seconds / steps,
-        "steps": steps,
+        "step_time_s": step_time,
+        "steps_per_s": 1 / step_time,
+        "step_cpu_time_s": statistics.median(cpu / steps for _, cpu, steps in measured),
+        "steps": sum(steps for _, _, steps in measured),
         "final_loss": float(trainer.callback_metrics["train/loss_epoch"]),
     }
 
