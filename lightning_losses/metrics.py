@@ -94,7 +94,11 @@ class MetricAggregator(nn.Module):
             while hasattr(self, name):
                 suffix += 1
                 name = f"{base}_{suffix}"
-            self.add_module(name, WeightedMean().to(device))
+            # made on the device (torchmetrics records the default device): `.to(device)` would copy its
+            # states from the host, a host-device sync in the first training step
+            with torch.device(device):
+                metric = WeightedMean()
+            self.add_module(name, metric)
             self._attribute_of[key] = name
         return self[key]
 

@@ -293,17 +293,18 @@ class LossModule(pl.LightningModule):
                 "`token_mask_key` on the loss"
             )
         device = self.device
+        # counts made on the device (filled, not copied from the host: a copy would be a sync)
         if sample_mask is not None:
             seqs = sample_mask.sum(dtype=torch.float64)
         else:
-            seqs = torch.tensor(_batch_size(batch), dtype=torch.float64)
+            seqs = torch.full((), _batch_size(batch), dtype=torch.float64, device=device)
         if token_mask is not None:
             weights = token_mask
             if sample_mask is not None:
                 weights = token_mask * sample_mask.reshape(-1, *([1] * (token_mask.ndim - 1)))
             toks = weights.sum(dtype=torch.float64)
         else:
-            toks = torch.zeros((), dtype=torch.float64)
+            toks = torch.zeros((), dtype=torch.float64, device=device)
         counts = self._all_reduce_sum(torch.stack([toks.to(device), seqs.to(device)]))
         masks = [m for m in (token_mask, sample_mask) if m is not None]
         integral = not any(m.is_floating_point() for m in masks)

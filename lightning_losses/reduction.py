@@ -32,7 +32,7 @@ def masked_sum(values: Tensor, mask: Tensor | None = None) -> Tensor:
 def count_valid(mask: Tensor | None, like: Tensor) -> Tensor:
     """Number (or total weight) of valid entries: ``mask.sum()``, or ``like.numel()`` without a mask."""
     if mask is None:
-        return torch.tensor(like.numel(), dtype=like.dtype, device=like.device)
+        return torch.full((), like.numel(), dtype=like.dtype, device=like.device)  # no host-to-device copy
     return mask.sum(dtype=like.dtype if like.is_floating_point() else None)
 
 
@@ -44,7 +44,9 @@ def divide_by_count(total: Tensor, count: Tensor | float | int) -> Tensor:
     >>> divide_by_count(torch.tensor(0.0), torch.tensor(0))
     tensor(0.)
     """
-    count = torch.as_tensor(count, device=total.device).detach().to(total.dtype)
+    if not isinstance(count, Tensor):  # a Python number: a tensor of it would be a host-to-device copy
+        return total / (count if count > 0 else 1)
+    count = count.detach().to(total.dtype)
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
 

@@ -9,7 +9,8 @@ The common checks, run for every entry of ``option_sets``:
 - the module returns ``LossOutput`` equal to the functional, with detached 0-dim metrics;
 - the loss's config in ``configs/`` (``config``) parses with ``--print_config``;
 - on CUDA (skipped without it): a forward, backward and metric update make no host-device sync
-  (``torch.cuda.set_sync_debug_mode("error")``); not run on this project's CPU machine so far.
+  (``torch.cuda.set_sync_debug_mode("error")``), and the functional with fp32 and bf16 inputs gives the
+  CPU's fp32 loss and gradients.
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ class LossTester:
     def build_module(self, options: dict[str, Any]) -> nn.Module:
         return self.module_class(**options)
 
+    def module_inputs(self, module: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The module's forward inputs that match the functional's ``inputs`` (it may also set the
+        module's state, e.g. learned parameters the functional takes as an input)."""
+        return inputs
+
     def functional_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Module options as the functional takes them (e.g. lists turned into tensors)."""
         return options
@@ -128,7 +134,8 @@ class LossTester:
     def test_module_matches_functional(self):
         for index, options in enumerate(self.option_sets):
             inputs = self.make_inputs(torch.float32, seed=index)
-            output = self.build_module(options)(**inputs)
+            module = self.build_module(options)
+            output = module(**self.module_inputs(module, inputs))
             assert isinstance(output, LossOutput)
             expected = self.call_functional(inputs, self.functional_options(options))
             torch.testing.assert_close(output.loss, expected, msg=str(options))
@@ -151,12 +158,43 @@ class LossTester:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                loss, metrics = module(**inputs)
+                loss, metrics = module(**self.module_inputs(module, inputs))
                 if loss.requires_grad:
                     loss.backward()
                 aggregator.update(metrics, 8)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    def test_cuda_matches_cpu(self):
+        """The functional on CUDA (fp32 and bf16 inputs) gives the CPU fp32 loss and gradients."""
+        for index, options in enumerate(self.option_sets):
+            inputs = self.make_inputs(torch.float32, seed=index)
+            functional_options = self.functional_options(options)
+            expected, expected_grads = self._loss_and_grads(inputs, functional_options)
+            cuda_options = {k: _to_cuda(v) for k, v in functional_options.items()}
+            for dtype, rtol in ((torch.float32, 1e-4), (torch.bfloat16, self.bf16_rtol)):
+                cuda_inputs = {k: _to_cuda(v) for k, v in cast_floating(inputs, dtype).items()}
+                loss, grads = self._loss_and_grads(cuda_inputs, cuda_options)
+                assert loss.is_cuda and loss.dtype == torch.float32, (loss.device, loss.dtype)
+                msg = f"{options} {dtype}"
+                torch.testing.assert_close(loss.cpu(), expected, rtol=rtol, atol=rtol, msg=msg)
+                for name, grad in grads.items():
+                    torch.testing.assert_close(
+                        grad.float().cpu(), expected_grads[name], rtol=rtol, atol=rtol, msg=f"{name} {msg}"
+                    )
+
+    def _loss_and_grads(
+        self, inputs: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        leaves = {n: inputs[n].detach().requires_grad_() for n in self.grad_inputs if n in inputs}
+        loss = self.call_functional(inputs | leaves, options)
+        if not leaves:
+            return loss.detach(), {}
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        return loss.detach(), {
+            n: g if g is not None else torch.zeros_like(leaves[n]) for n, g in zip(leaves, grads, strict=True)
+        }
 
     def test_config_prints(self, capsys):
         if self.config is None:

@@ -121,7 +121,7 @@ class AdversarialEvaluation(pl.Callback):
             with torch.no_grad():
                 logits = self._logits(pl_module, batch, adversarial.to(inputs.dtype))
         correct = (logits.argmax(-1) == target).sum()
-        return correct, torch.tensor(target.numel(), device=correct.device)
+        return correct, torch.full((), target.numel(), dtype=torch.long, device=correct.device)
 
     # -- hooks -----------------------------------------------------------------------------------------
 

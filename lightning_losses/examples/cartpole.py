@@ -162,7 +162,8 @@ class RolloutCollector:
         truncated = torch.zeros(steps, envs, dtype=torch.bool)
         for t in range(steps):
             current = torch.from_numpy(self.observations)
-            logits = policy(current)["policy_logits"].float()
+            # sampled on the CPU with the CPU generator: the environments run there, the policy may not
+            logits = policy(current)["policy_logits"].float().cpu()
             action = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator).squeeze(-1)
             obs[t], actions[t] = current, action
             following = np.empty_like(self.observations)
@@ -180,8 +181,8 @@ class RolloutCollector:
             self.observations = following
         self.env_steps += steps * envs
         flat_obs, flat_next = obs.reshape(-1, 4), next_obs.reshape(-1, 4)
-        values = policy(flat_obs)["values"].float().reshape(steps, envs)
-        next_values = policy(flat_next)["values"].float().reshape(steps, envs)
+        values = policy(flat_obs)["values"].float().cpu().reshape(steps, envs)  # a CPU batch, like the rest
+        next_values = policy(flat_next)["values"].float().cpu().reshape(steps, envs)
         advantages, returns = generalized_advantage_estimate(
             rewards, values, next_values, terminated, truncated, self.discount, self.gae_lambda
         )

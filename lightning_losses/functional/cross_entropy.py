@@ -32,6 +32,7 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_with_metrics",
     "finite_or_zero",
+    "fused_path",
     "per_row_cross_entropy",
     "row_blocks",
     "valid_mask",
@@ -45,6 +46,12 @@ mmap threshold, so a block's temporaries are neither page-faulted nor evicted)."
 FUSED_MIN_BYTES = 32 << 20
 """Logits from this size up take the fused path in :func:`per_row_cross_entropy` (glibc's largest
 mmap threshold: a fresh tensor that large is page-faulted in; a smaller one is recycled heap memory)."""
+
+
+def fused_path(x: Tensor) -> bool:
+    """Whether the fused autograd functions compute a loss of ``x``: in eager mode. Under
+    ``torch.compile`` the plain ops are traced instead (the compiler fuses them itself)."""
+    return not torch.compiler.is_compiling()
 
 
 def row_blocks(num_rows: int, num_columns: int, device: torch.device) -> list[slice]:
@@ -154,7 +161,7 @@ def per_row_cross_entropy(
     >>> per_row_cross_entropy(logits, torch.tensor([0, 0]), need_argmax=True)
     (tensor([0.1269, 2.1269]), tensor([0, 1]))
     """
-    if torch.compiler.is_compiling() or logits.numel() * logits.element_size() < FUSED_MIN_BYTES:
+    if not fused_path(logits) or logits.numel() * logits.element_size() < FUSED_MIN_BYTES:
         argmax = logits.detach().argmax(-1) if need_argmax else None
         return F.cross_entropy(logits, target, reduction="none"), argmax
     loss, argmax = _CrossEntropy.apply(logits, target, None, 0.0, need_argmax)
@@ -205,7 +212,7 @@ def _cross_entropy(
     flat_logits = logits.reshape(-1, num_classes).to(dtype)
     class_weight = None if weight is None else weight.to(device=logits.device, dtype=dtype)
     argmax = None
-    if torch.compiler.is_compiling():  # plain ops: the compiler fuses them itself
+    if not fused_path(flat_logits):
         per_element = F.cross_entropy(
             flat_logits, safe_target, weight=class_weight, reduction="none", label_smoothing=label_smoothing
         )

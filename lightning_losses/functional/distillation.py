@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_losses.functional.cross_entropy import cross_entropy, finite_or_zero, row_blocks, valid_mask
+from lightning_losses.functional.cross_entropy import (
+    cross_entropy,
+    finite_or_zero,
+    fused_path,
+    row_blocks,
+    valid_mask,
+)
 from lightning_losses.protocol import check_floating, check_mask, check_ndim, check_same_shape, compute_dtype
 from lightning_losses.reduction import masked_mean
 
@@ -224,7 +230,7 @@ def kl_divergence(
     dtype = compute_dtype(logits, teacher_logits)
     fused = (
         direction == "forward"
-        and not torch.compiler.is_compiling()  # the compiler fuses the plain ops itself
+        and fused_path(logits)
         and not (teacher_logits.requires_grad and torch.is_grad_enabled())  # student gradient only
     )
     if fused:

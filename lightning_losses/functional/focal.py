@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_losses.functional.cross_entropy import finite_or_zero, row_blocks, valid_mask
+from lightning_losses.functional.cross_entropy import finite_or_zero, fused_path, row_blocks, valid_mask
 from lightning_losses.protocol import (
     check_class_targets,
     check_floating,
@@ -133,7 +133,9 @@ def _alpha_tensor(
     shape checked against ``mode``."""
     if alpha is None:
         return None
-    alpha = torch.as_tensor(alpha, device=logits.device).to(dtype)
+    if not isinstance(alpha, Tensor):  # filled on the device: a tensor of a number would be a copy (a sync)
+        return torch.full((), float(alpha), dtype=dtype, device=logits.device)
+    alpha = alpha.to(device=logits.device, dtype=dtype)
     if mode == "multiclass":
         if alpha.ndim != 0 and tuple(alpha.shape) != (logits.shape[-1],):
             raise ValueError(
@@ -549,7 +551,7 @@ def _focal(
     with_metrics: bool,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     check_focal_options(mode, gamma)
-    if torch.compiler.is_compiling():  # plain ops: the compiler fuses them itself
+    if not fused_path(logits):
         terms = focal_elements(
             logits, target, mask, mode=mode, gamma=gamma, alpha=alpha, ignore_index=ignore_index
         )

@@ -251,7 +251,9 @@ class MultiTaskLoss(CompositeLoss):
         sequence_level = getattr(self.components[name], "loss_type", None) == LossType.SEQUENCE_LEVEL
         preferred = "global_valid_seqs" if sequence_level else "global_valid_toks"
         count = given.get(preferred, next(iter(given.values())))
-        return torch.as_tensor(count, device=like.device) > 0
+        if isinstance(count, Tensor):
+            return count > 0
+        return torch.full((), count > 0, device=like.device)
 
     def forward(self, **inputs: Any) -> LossOutput:
         self.check_inputs(inputs)

@@ -584,3 +584,34 @@ def test_module_ids_never_scored_are_not_checked():
     )
     with pytest.raises(ValueError, match=r"`teacher_hidden_states` must hold the tokens of `hidden_states`"):
         FusedLinearDistillationLoss()(hidden, weight, torch.randn(2, 4, 3), torch.randn(6, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_modules_on_cuda_match_cpu_without_host_sync(dtype):
+    """Both modules on CUDA: forward, backward and metrics make no host-device sync, and give the CPU's
+    fp32 loss and gradients (bf16 inputs within bf16 rounding)."""
+    h, w, ids, mask = make_lm_batch(dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    ht, wt = torch.randn(3, 7, 4, generator=g), torch.randn(13, 4, generator=g)
+    cases = [
+        (FusedLinearCrossEntropyLoss(chunk_size=4, label_smoothing=0.1), (h, w), (ids, mask)),
+        (FusedLinearDistillationLoss(chunk_size=5, alpha=0.4, temperature=2.0), (h, w), (ht, wt, ids, mask)),
+    ]
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    for loss_fn, (hidden, weight), rest in cases:
+        expected = value_and_grads(lambda f=loss_fn, a=(hidden, weight, *rest): f(*a).loss, [hidden, weight])
+        cuda_leaves = [t.detach().to("cuda", dtype).requires_grad_() for t in (hidden, weight)]
+        cuda_rest = [t.to("cuda", dtype) if t.is_floating_point() else t.cuda() for t in rest]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            output = loss_fn(*cuda_leaves, *cuda_rest)
+            output.loss.backward()
+            metrics = dict(output.metrics)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert output.loss.dtype == torch.float32 and set(metrics) >= {"loss"}
+        actual = [output.loss.detach(), *(t.grad for t in cuda_leaves)]
+        for a, e in zip(actual, expected, strict=True):
+            assert_close_rel(a.float().cpu(), e, rtol, msg=type(loss_fn).__name__)

@@ -107,23 +107,22 @@ class TestMultiTaskLoss(LossTester):
             input_maps={name: {"value": f"loss_{name}", "mask": f"mask_{name}"} for name in names},
         )
 
-    def test_module_matches_functional(self):
-        """The module with fixed task losses (each task's presence read from its mask) == the functional."""
+    def module_inputs(self, module, inputs):
+        """Fixed task losses, each task's presence read from its mask; the learned log-variances set."""
+        with torch.no_grad():
+            module.log_variances.copy_(inputs["log_variances"])
+        per_task = {}
+        for i in range(4):
+            per_task[f"loss_task{i}"] = inputs["task_losses"][i]
+            per_task[f"mask_task{i}"] = inputs["present"][i : i + 1]
+        return per_task
+
+    def test_absent_task_metric_is_zero(self):
         for index, options in enumerate(self.option_sets):
-            inputs = self.make_inputs(torch.float32, seed=index)
             module = self.build_module(options)
-            module.log_variances.data.copy_(inputs["log_variances"])
-            per_task = {}
-            for i in range(4):
-                per_task[f"loss_task{i}"] = inputs["task_losses"][i]
-                per_task[f"mask_task{i}"] = inputs["present"][i : i + 1]
-            output = module(**per_task)
-            expected = self.call_functional(inputs, self.functional_options(options))
-            torch.testing.assert_close(output.loss, expected, msg=str(options))
+            output = module(**self.module_inputs(module, self.make_inputs(torch.float32, seed=index)))
             assert torch.isfinite(output.loss)
-            for key, value in output.metrics.items():
-                assert isinstance(value, Tensor) and value.ndim == 0 and not value.requires_grad, key
-            assert output.metrics["task2_loss"] == 0  # absent: 0, not NaN
+            assert output.metrics["task2_loss"] == 0  # absent: 0, not NaN (its loss input is NaN)
 
 
 def test_static_weights_match_the_reference_and_skip_absent_tasks():

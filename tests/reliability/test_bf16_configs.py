@@ -11,10 +11,12 @@ scratch directory (the configs' relative ``runs/`` paths land there).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from torch import nn
 
 from lightning_losses.cli import build_cli
@@ -27,7 +29,6 @@ PREREQUISITES = {
     "lm_dpo": "lm_task_sft",
 }
 SHORT = [
-    "--trainer.precision=bf16-mixed",
     "--trainer.max_epochs=1",
     "--trainer.max_steps=-1",
     "--trainer.limit_train_batches=3",
@@ -39,15 +40,37 @@ SHORT = [
 ]
 
 
-def short_bf16_fit(name: str, output_dtypes: set[torch.dtype] | None = None):
-    """The short bf16 run of a config; records the dtypes of the model's ``nn.Linear`` outputs."""
-    cli = build_cli(["--config", str(CONFIGS / f"{name}.yaml"), *SHORT], run=False)
+def short_fit(
+    name: str,
+    output_dtypes: set[torch.dtype] | None = None,
+    *,
+    precision: str = "bf16-mixed",
+    accelerator: str = "cpu",
+    callbacks: Sequence[Callback] = (),
+):
+    """The short mixed-precision run of a config; records the dtypes of the model's ``nn.Linear``
+    outputs."""
+    overrides = [f"--trainer.precision={precision}", f"--trainer.accelerator={accelerator}"]
+    cli = build_cli(["--config", str(CONFIGS / f"{name}.yaml"), *SHORT, *overrides], run=False)
     if output_dtypes is not None:
         for layer in cli.model.model.modules():
             if isinstance(layer, nn.Linear):
                 layer.register_forward_hook(lambda module, args, out: output_dtypes.add(out.dtype))
+    cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
+
+
+def assert_finite_run(cli) -> None:
+    """Trained some steps, skipped none, every logged metric and parameter finite."""
+    trainer = cli.trainer
+    assert trainer.global_step > 0
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert any(k.startswith("train/") for k in metrics), sorted(metrics)
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert cli.model.skipped_steps.item() == 0
+    for parameter_name, parameter in cli.model.named_parameters():
+        assert torch.isfinite(parameter).all(), parameter_name
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +86,9 @@ def test_config_trains_finite_under_bf16_mixed(name, scratch, monkeypatch):
     torch.set_num_threads(1)
     prerequisite = PREREQUISITES.get(name)
     if prerequisite is not None and not (scratch / "runs" / prerequisite).exists():
-        short_bf16_fit(prerequisite)
+        short_fit(prerequisite)
     dtypes: set[torch.dtype] = set()
-    cli = short_bf16_fit(name, dtypes)
-    trainer = cli.trainer
-    assert trainer.precision == "bf16-mixed" and trainer.global_step > 0
+    cli = short_fit(name, dtypes)
+    assert cli.trainer.precision == "bf16-mixed"
     assert torch.bfloat16 in dtypes, dtypes
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    assert any(k.startswith("train/") for k in metrics), sorted(metrics)
-    assert all(math.isfinite(v) for v in metrics.values()), metrics
-    assert cli.model.skipped_steps.item() == 0
-    for parameter_name, parameter in cli.model.named_parameters():
-        assert torch.isfinite(parameter).all(), parameter_name
+    assert_finite_run(cli)
