@@ -108,14 +108,21 @@ class _EpochTimer(pl.Callback):
         self.epochs.append((time.perf_counter() - wall, time.process_time() - cpu, self._steps))
 
 
-def make_module(variant: str, hidden: int, lr: float) -> pl.LightningModule:
-    """A fresh module of ``variant`` (seed it first for equal initial weights)."""
+def make_module(variant: str, hidden: int, lr: float, nan_policy: str = "raise") -> pl.LightningModule:
+    """A fresh module of ``variant`` (seed it first for equal initial weights); ``nan_policy`` is
+    ``LossModule``'s."""
     model = MLP(64, 10, hidden=(hidden,))
     if variant in ("hand_written", "loss_logger"):
         return HandWrittenModule(model, lr, loss_logger=variant == "loss_logger")
     if variant == "loss_module":
         optimizer = functools.partial(torch.optim.AdamW, lr=lr)
-        return LossModule(model, nn.CrossEntropyLoss(), optimizer=optimizer, input_map={"input": "logits"})
+        return LossModule(
+            model,
+            nn.CrossEntropyLoss(),
+            optimizer=optimizer,
+            input_map={"input": "logits"},
+            nan_policy=nan_policy,
+        )
     raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
 
 
@@ -135,13 +142,20 @@ def _trainer(epochs: int, device: str, callbacks: list[pl.Callback]) -> pl.Train
 
 
 def time_fit(
-    variant: str, data: DigitsDataModule, epochs: int, warmup_epochs: int, hidden: int, lr: float, device: str
+    variant: str,
+    data: DigitsDataModule,
+    epochs: int,
+    warmup_epochs: int,
+    hidden: int,
+    lr: float,
+    device: str,
+    nan_policy: str = "raise",
 ) -> dict[str, Any]:
     """One training run of ``variant``: its seconds per step after the warm-up epochs and final loss."""
     if not 0 <= warmup_epochs < epochs:
         raise ValueError(f"`warmup_epochs` must be in [0, epochs), got {warmup_epochs} with epochs={epochs}")
     pl.seed_everything(0, verbose=False)
-    module = make_module(variant, hidden, lr)
+    module = make_module(variant, hidden, lr, nan_policy)
     timer = _EpochTimer()
     trainer = _trainer(epochs, device, [timer])
     trainer.fit(module, datamodule=data)
@@ -165,8 +179,9 @@ def run_benchmark(
     hidden: int = 128,
     lr: float = 3e-3,
     device: str = "cpu",
+    nan_policy: str = "raise",
 ) -> dict[str, Any]:
-    """Interleaved repeats of both variants; medians and overhead ratios."""
+    """Interleaved repeats of every variant; medians and overhead ratios."""
     if repeats < 1:
         raise ValueError(f"`repeats` must be at least 1, got {repeats}")
     data = DigitsDataModule(batch_size=batch_size)
@@ -176,7 +191,7 @@ def run_benchmark(
         shift = repeat % len(VARIANTS)
         order = VARIANTS[shift:] + VARIANTS[:shift]
         for variant in order:
-            run = time_fit(variant, data, epochs, warmup_epochs, hidden, lr, device)
+            run = time_fit(variant, data, epochs, warmup_epochs, hidden, lr, device, nan_policy)
             runs.append({"repeat": repeat, **run})
     step_time = {v: statistics.median(r["step_time_s"] for r in runs if r["variant"] == v) for v in VARIANTS}
     cpu_time = {
@@ -193,6 +208,7 @@ def run_benchmark(
             "hidden": hidden,
             "lr": lr,
             "device": device,
+            "nan_policy": nan_policy,
             "torch": torch.__version__,
             "lightning": pl.__version__,
             "threads": torch.get_num_threads(),
@@ -214,7 +230,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"digits MLP [{cfg['hidden']}], batch {cfg['batch_size']}, {cfg['epochs']} epochs "
         f"({cfg['warmup_epochs']} warm-up left out), {cfg['repeats']} interleaved repeats, {cfg['device']}, "
-        f"{cfg['threads']} thread(s), torch {cfg['torch']}, lightning {cfg['lightning']}",
+        f"{cfg['threads']} thread(s), torch {cfg['torch']}, lightning {cfg['lightning']}, "
+        f"LossModule nan_policy={cfg.get('nan_policy', 'raise')}",
         f"{'variant':<14}{'steps/s (median)':>18}{'ms/step':>10}{'CPU ms/step':>13}{'runs (steps/s)':>18}",
     ]
     for variant in VARIANTS:
@@ -261,6 +278,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--device", default="cpu", help="the Trainer's accelerator: cpu, gpu, ...")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument(
+        "--nan-policy",
+        default="raise",
+        choices=["raise", "skip", "warn", "ignore"],
+        help="LossModule's nan_policy (ignore: no host read per step, which is a sync on a GPU)",
+    )
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--profile", action="store_true", help="also cProfile one run of each variant")
     args = parser.parse_args(argv)
@@ -271,7 +294,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # "does not have many workers", "GPU available but not used": the same for both variants
         warnings.filterwarnings("ignore", module="lightning")
         report = run_benchmark(
-            args.epochs, args.warmup_epochs, args.repeats, args.batch_size, args.hidden, args.lr, args.device
+            args.epochs,
+            args.warmup_epochs,
+            args.repeats,
+            args.batch_size,
+            args.hidden,
+            args.lr,
+            args.device,
+            args.nan_policy,
         )
         print(format_table(report))
         if args.profile:

@@ -65,7 +65,9 @@ counts it in ``global_step``, and in automatic optimization a per-step LR schedu
 ``train/skipped_steps`` counts such steps; a non-finite loss is logged as 0 with weight 0, so it stays
 out of the epoch means (task metrics still see the step's predictions). ``"warn"``: like ``"skip"``
 and a warning. Under ``precision="16-mixed"`` the gradient scaler already skips steps with inf/NaN
-gradients (and lowers its scale): only losses are checked there.
+gradients (and lowers its scale): only losses are checked there. ``"ignore"``: no check and no host read
+(a NaN reaches the weights); on a GPU the read is a sync: the host waits for the device to finish the
+step before it queues the next one.
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ class LossModule(pl.LightningModule):
         batch_keys: names of the elements of a tuple/list batch.
         preds_key / target_key: where the task metrics read predictions and targets.
         nan_policy: what a non-finite training loss or gradient does: ``"raise"``, ``"skip"`` (no
-            optimizer step) or ``"warn"`` (skip and warn); see the module docstring.
+            optimizer step), ``"warn"`` (skip and warn) or ``"ignore"`` (no check, no host read per
+            step); see the module docstring.
         lr_scheduler_interval / lr_scheduler_monitor: how Lightning steps the scheduler.
         upcast_inputs: cast fp16/bf16 floating loss inputs to float32.
         micro_batch_size: split each loaded training batch into micro-batches of this many rows and take
@@ -157,7 +160,7 @@ class LossModule(pl.LightningModule):
         batch_keys: Sequence[str] = ("inputs", "target"),
         preds_key: str = "logits",
         target_key: str = "target",
-        nan_policy: Literal["raise", "skip", "warn"] = "raise",
+        nan_policy: Literal["raise", "skip", "warn", "ignore"] = "raise",
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         lr_scheduler_monitor: str = "val/loss",
         upcast_inputs: bool = True,
@@ -174,8 +177,8 @@ class LossModule(pl.LightningModule):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
         if not isinstance(loss, nn.Module):
             raise TypeError(f"`loss` must be an nn.Module, got {type(loss).__name__}")
-        if nan_policy not in ("raise", "skip", "warn"):
-            raise ValueError(f"`nan_policy` must be 'raise', 'skip' or 'warn', got {nan_policy!r}")
+        if nan_policy not in ("raise", "skip", "warn", "ignore"):
+            raise ValueError(f"`nan_policy` must be 'raise', 'skip', 'warn' or 'ignore', got {nan_policy!r}")
         if len(batch_keys) == 0:
             raise ValueError("`batch_keys` must name at least one element")
         if micro_batch_size is not None and micro_batch_size < 1:
@@ -195,6 +198,7 @@ class LossModule(pl.LightningModule):
         self.preds_key = preds_key
         self.target_key = target_key
         self.nan_policy = nan_policy
+        self._skips_steps = nan_policy in ("skip", "warn")
         self.lr_scheduler_interval = lr_scheduler_interval
         self.lr_scheduler_monitor = lr_scheduler_monitor
         self.upcast_inputs = upcast_inputs
@@ -446,7 +450,7 @@ class LossModule(pl.LightningModule):
             return self._micro_batch_training_step(batch)
         loss, metrics, outputs, batch, weights, _ = self._step(batch)
         self._track_nonfinite(loss)  # no host read here: `optimizer_step` decides after backward
-        if self.nan_policy != "raise":  # a skipped step stays out of the epoch means
+        if self._skips_steps:  # a skipped step stays out of the epoch means
             metrics, weights = _mask_nonfinite(metrics, weights, torch.isfinite(loss.detach()))
         self._log_metrics("train", metrics, weights)
         self._update_task_metrics("train", outputs, batch)
@@ -454,7 +458,8 @@ class LossModule(pl.LightningModule):
 
     def _track_nonfinite(self, loss: Tensor) -> None:
         """Keep ``loss`` (every one of an accumulation window) for the check at the optimizer step."""
-        self._unchecked_losses.append(loss.detach())
+        if self.nan_policy != "ignore":
+            self._unchecked_losses.append(loss.detach())
 
     def _gradients(self, optimizer: Any) -> list[Tensor]:
         """The gradients the optimizer would use; none under a ``16-mixed`` gradient scaler, which skips
@@ -478,6 +483,8 @@ class LossModule(pl.LightningModule):
         propagate through it, so it is finite whenever every loss and gradient on every rank is; when it
         is not, an exact element-wise diagnosis decides (finite values whose squares or sum overflowed
         are then found finite, and the step is taken)."""
+        if self.nan_policy == "ignore":
+            return True
         grads = self._gradients(optimizer)
         losses = self._unchecked_losses.copy()
         self._unchecked_losses.clear()
@@ -523,7 +530,7 @@ class LossModule(pl.LightningModule):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self._step_schedulers("step")
-        if self.nan_policy != "raise":
+        if self._skips_steps:
             self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
         return total
 
@@ -590,7 +597,7 @@ class LossModule(pl.LightningModule):
         result = optimizer_closure()  # forward + backward of the last batch of the window
         if self._step_is_finite(optimizer):  # the one host read per step
             optimizer.step(closure=lambda: result)  # the precision plugin unscales, clips, steps
-        if self.nan_policy != "raise":
+        if self._skips_steps:
             self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
         return None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -139,7 +141,7 @@ def test_sample_mask_restricts_token_counts():
 
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="`nan_policy`"):
-        LossModule(nn.Linear(2, 2), nn.MSELoss(), nan_policy="ignore")
+        LossModule(nn.Linear(2, 2), nn.MSELoss(), nan_policy="off")
     with pytest.raises(TypeError, match="`loss` must be an nn.Module"):
         LossModule(nn.Linear(2, 2), torch.nn.functional.mse_loss)
     module = LossModule(nn.Linear(2, 2), nn.MSELoss(), batch_keys=("inputs",))
@@ -298,6 +300,23 @@ def test_nan_policy_warn_skips_and_warns():
     with pytest.warns(UserWarning, match="non-finite training loss.*skipping the optimizer step"):
         quiet_trainer(max_steps=2).fit(module, DataLoader([bad, good], batch_size=None))
     assert module.skipped_steps.item() == 1
+
+
+def test_nan_policy_ignore_checks_nothing():
+    good = token_shards(torch.float32)[0] | {"poison": torch.tensor(False)}
+    bad = good | {"poison": torch.tensor(True)}
+    module = LossModule(TokenRegressor(), PoisonableTokenLoss(), nan_policy="ignore")
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+
+    trainer = quiet_trainer(max_steps=2, callbacks=[Record()])
+    trainer.fit(module, DataLoader([bad, good], batch_size=None))
+    assert trainer.global_step == 2 and module.skipped_steps.item() == 0
+    assert math.isnan(losses[0]) and math.isfinite(losses[1])  # the NaN loss went through unchecked
+    assert "train/skipped_steps" not in trainer.callback_metrics
 
 
 def test_skip_policy_leaves_clean_training_unchanged_with_accumulation():
