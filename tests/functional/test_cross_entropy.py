@@ -1,3 +1,4 @@
+import importlib
 import math
 
 import pytest
@@ -9,6 +10,17 @@ from lightning_losses.losses import CrossEntropyLoss
 from tests.loss_tester import LossTester
 
 CLASS_WEIGHTS = [0.5, 2.0, 1.0, 1.5, 0.25]
+CROSS_ENTROPY_MODULE = importlib.import_module("lightning_losses.functional.cross_entropy")
+
+
+@pytest.fixture(autouse=True, params=["plain", "fused"])
+def computation_path(request, monkeypatch):
+    """Every test of this file runs twice: through ``F.cross_entropy`` (what logits below
+    ``FUSED_MIN_ELEMENTS`` take) and through the fused function, in blocks of a few rows."""
+    if request.param == "fused":
+        monkeypatch.setattr(CROSS_ENTROPY_MODULE, "FUSED_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(CROSS_ENTROPY_MODULE, "BLOCK_ELEMENTS", 16)
+    return request.param
 
 
 def brute_force_cross_entropy(logits, target, mask, ignore_index=-100, label_smoothing=0.0, weight=None):
