@@ -59,9 +59,9 @@ FUSED_MIN_BYTES = 32 << 20
 mmap threshold: a fresh tensor that large is page-faulted in; a smaller one is recycled heap memory)."""
 
 
-def fused_path(x: Tensor) -> bool:
-    """Whether the fused autograd functions compute a loss of ``x``: in eager mode. Under
-    ``torch.compile`` the plain ops are traced instead (the compiler fuses them itself)."""
+def fused_path() -> bool:
+    """Whether the fused autograd functions may run: in eager mode. Under ``torch.compile`` the plain ops
+    are traced instead (the compiler fuses them itself)."""
     return not torch.compiler.is_compiling()
 
 
@@ -173,7 +173,7 @@ def per_row_cross_entropy(
     (tensor([0.1269, 2.1269]), tensor([0, 1]))
     """
     fused = logits.device.type == "cpu" and logits.numel() * logits.element_size() >= FUSED_MIN_BYTES
-    if not (fused and fused_path(logits)):
+    if not (fused and fused_path()):
         argmax = logits.detach().argmax(-1) if need_argmax else None
         return F.cross_entropy(logits, target, reduction="none"), argmax
     loss, argmax = _CrossEntropy.apply(logits, target, None, 0.0, need_argmax)
@@ -225,7 +225,7 @@ def _cross_entropy(
     class_weight = None if weight is None else weight.to(device=logits.device, dtype=dtype)
     argmax = None
     fused = flat_logits.device.type == "cpu" and flat_logits.numel() >= FUSED_MIN_ELEMENTS
-    if not (fused and fused_path(flat_logits)):
+    if not (fused and fused_path()):
         per_element = F.cross_entropy(
             flat_logits, safe_target, weight=class_weight, reduction="none", label_smoothing=label_smoothing
         )

@@ -230,7 +230,7 @@ def kl_divergence(
     dtype = compute_dtype(logits, teacher_logits)
     fused = (
         direction == "forward"
-        and fused_path(logits)
+        and fused_path()
         and not (teacher_logits.requires_grad and torch.is_grad_enabled())  # student gradient only
     )
     if fused:

@@ -551,7 +551,7 @@ def _focal(
     with_metrics: bool,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     check_focal_options(mode, gamma)
-    if not fused_path(logits):
+    if not fused_path():
         terms = focal_elements(
             logits, target, mask, mode=mode, gamma=gamma, alpha=alpha, ignore_index=ignore_index
         )
