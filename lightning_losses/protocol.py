@@ -270,10 +270,15 @@ def check_class_targets(
         raise TypeError(f"`{name}` must hold integer class indices, got {_describe(target)}")
     if target.numel() == 0 or not value_checks_enabled(target):
         return
-    keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask != 0
+    keep = None if mask is None else mask != 0
     if ignore_index is not None:
-        keep = keep & (target != ignore_index)
-    valid = target[keep]
+        keep = target != ignore_index if keep is None else keep & (target != ignore_index)
+    if num_classes > 0:  # one pass without boolean indexing: the uncounted elements become class 0
+        counted = target if keep is None else torch.where(keep, target, 0)
+        low, high = torch.aminmax(counted)
+        if int(low) >= 0 and int(high) < num_classes:
+            return
+    valid = target if keep is None else target[keep]
     if valid.numel() == 0:
         return
     low, high = int(valid.min()), int(valid.max())

@@ -47,7 +47,7 @@ def divide_by_count(total: Tensor, count: Tensor | float | int) -> Tensor:
     if not isinstance(count, Tensor):  # a Python number: a tensor of it would be a host-to-device copy
         return total / (count if count > 0 else 1)
     count = count.detach().to(total.dtype)
-    return total / torch.where(count > 0, count, torch.ones_like(count))
+    return total / torch.where(count > 0, count, 1.0)
 
 
 def masked_mean(values: Tensor, mask: Tensor | None = None, global_count: Tensor | None = None) -> Tensor:

@@ -82,10 +82,10 @@ def valid_mask(
     target: Tensor, mask: Tensor | None, ignore_index: int | None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """Weights of the valid elements as `dtype`: `mask` (bool or weights) where `target != ignore_index`."""
+    if mask is None and ignore_index is not None:
+        return (target != ignore_index).to(dtype)
     valid = torch.ones_like(target, dtype=dtype) if mask is None else mask.to(dtype)
-    if ignore_index is not None:
-        valid = valid * (target != ignore_index)
-    return valid
+    return valid if ignore_index is None else valid * (target != ignore_index)
 
 
 def finite_or_zero(values: Tensor) -> Tensor:
@@ -220,7 +220,8 @@ def _cross_entropy(
     num_classes = logits.shape[-1]
     dtype = compute_dtype(logits)
     valid = valid_mask(target, mask, ignore_index, dtype)
-    safe_target = torch.where(valid != 0, target, torch.zeros_like(target)).reshape(-1)
+    keep = valid != 0
+    safe_target = torch.where(keep, target, 0).reshape(-1)
     flat_logits = logits.reshape(-1, num_classes).to(dtype)
     class_weight = None if weight is None else weight.to(device=logits.device, dtype=dtype)
     argmax = None
@@ -236,7 +237,7 @@ def _cross_entropy(
             flat_logits, safe_target, class_weight, float(label_smoothing), need_argmax
         )
     per_element = per_element.reshape(target.shape)
-    total = torch.where(valid != 0, per_element * valid, torch.zeros_like(per_element)).sum()
+    total = torch.where(keep, per_element * valid, 0.0).sum()
     argmax = argmax.reshape(target.shape) if need_argmax else None
     if global_valid_toks is not None:
         return divide_by_count(total, global_valid_toks), valid, argmax
