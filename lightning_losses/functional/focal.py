@@ -475,7 +475,9 @@ class _SigmoidFocal(torch.autograd.Function):
     where every term below is under :math:`10^{-38}`, it is 0), :math:`F = r^\gamma` and :math:`B` the
     binary cross-entropy: :math:`\ell = F B` and :math:`\partial \ell/\partial x = F (p - t) + \gamma B
     (1 - 2t)\,p q\,r^{\gamma - 1}`, the last product taken as 0 at :math:`r = 0` (its limit for
-    :math:`\gamma > 0`), finite as :math:`r \to 0` for every :math:`\gamma \ge 0`.
+    :math:`\gamma > 0`), finite as :math:`r \to 0` for every :math:`\gamma \ge 0`. With ``with_grad`` the
+    forward writes that gradient into the one ``[R, K]`` tensor it keeps, while each block's terms are in
+    cache; the first backward scales it in place and hands it out, a second one recomputes it.
     """
 
     @staticmethod
@@ -489,19 +491,26 @@ class _SigmoidFocal(torch.autograd.Function):
         gamma: float,
         dtype: torch.dtype,
         check_range: bool,
+        with_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sums = torch.zeros(4, dtype=dtype, device=x.device)
+        # with_grad: the gradient of the sum is written here while each block's terms are at hand
+        # (backward then only scales it); without, nothing [R, K] is kept
+        grad = torch.empty_like(x) if with_grad else None
         for block in row_blocks(*x.shape, x.device):
             tb = t[block]
             mb = None if mask is None else mask[block]
             weights, keep, xb, safe = _sigmoid_block(x[block], tb, mb, ignore_index, dtype)
             if check_range and not bool((((safe >= 0) & (safe <= 1)) | ~keep).all()):
                 _check_binary_targets(t, mask, ignore_index)  # raises, naming the values seen
-            _, _, r, loss = _sigmoid_parts(xb, safe)
-            if gamma != 0:
-                loss = _power(r, gamma) * loss
-            if alpha is not None:
-                loss = (alpha * safe + (1 - alpha) * (1 - safe)) * loss
+            p, q, r, bce = _sigmoid_parts(xb, safe)
+            loss = _power(r, gamma) * bce if gamma != 0 else bce
+            class_weight = None if alpha is None else alpha * safe + (1 - alpha) * (1 - safe)
+            if class_weight is not None:
+                loss = class_weight * loss
+            if grad is not None:
+                g = _sigmoid_focal_gradient(p, q, r, bce, safe, gamma, class_weight)
+                _write_block(grad, block, torch.where(keep, weights * g, 0.0))
             correct = (x[block] > 0) == (tb > 0.5)
             sums += torch.stack(
                 [
@@ -513,6 +522,7 @@ class _SigmoidFocal(torch.autograd.Function):
             )
         ctx.save_for_backward(x, t, mask, alpha)
         ctx.options = (ignore_index, gamma, dtype)
+        ctx.grad = grad
         loss_sum, weight_sum, p_t_sum, correct_sum = sums.unbind()
         ctx.mark_non_differentiable(weight_sum, p_t_sum, correct_sum)
         return loss_sum, weight_sum, p_t_sum, correct_sum
@@ -520,23 +530,34 @@ class _SigmoidFocal(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_sum: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        grad, ctx.grad = ctx.grad, None
+        if grad is not None:  # the forward's, scaled in place: it is handed out once
+            return (grad.mul_(grad_sum), *(None,) * 8)
+        # a second backward through the graph (retain_graph=True), or the forward ran without grad mode
         x, t, mask, alpha = ctx.saved_tensors
         ignore_index, gamma, dtype = ctx.options
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 8
         grad = torch.empty_like(x)
         for block in row_blocks(*x.shape, x.device):
             mb = None if mask is None else mask[block]
             weights, keep, xb, safe = _sigmoid_block(x[block], t[block], mb, ignore_index, dtype)
             p, q, r, bce = _sigmoid_parts(xb, safe)
-            g = p - safe  # d BCE / dx
-            if gamma != 0:
-                slope = torch.where(r > 0, p * q * _power(torch.where(r > 0, r, 1.0), gamma - 1), 0.0)
-                g = _power(r, gamma) * g + gamma * (1 - 2 * safe) * slope * bce
-            if alpha is not None:
-                g = (alpha * safe + (1 - alpha) * (1 - safe)) * g
-            _write_block(grad, block, torch.where(keep, weights * g, 0.0).mul_(grad_sum))
-        return grad, None, None, None, None, None, None, None
+            class_weight = None if alpha is None else alpha * safe + (1 - alpha) * (1 - safe)
+            g = _sigmoid_focal_gradient(p, q, r, bce, safe, gamma, class_weight)
+            _write_block(grad, block, torch.where(keep, weights * g, 0.0))
+        return (grad.mul_(grad_sum), *(None,) * 8)
+
+
+def _sigmoid_focal_gradient(
+    p: Tensor, q: Tensor, r: Tensor, bce: Tensor, t: Tensor, gamma: float, class_weight: Tensor | None
+) -> Tensor:
+    r""":math:`\partial \ell/\partial x` of :class:`_SigmoidFocal`'s terms (before masks and weights)."""
+    g = p - t  # d BCE / dx
+    if gamma != 0:
+        slope = torch.where(r > 0, p * q * _power(torch.where(r > 0, r, 1.0), gamma - 1), 0.0)
+        g = _power(r, gamma) * g + gamma * (1 - 2 * t) * slope * bce
+    return g if class_weight is None else class_weight * g
 
 
 def _focal(
@@ -599,6 +620,7 @@ def _focal(
         float(gamma),
         dtype,
         check_range,
+        logits.requires_grad and torch.is_grad_enabled(),
     )
     loss = divide_by_count(loss_sum, weight_sum if global_valid_toks is None else global_valid_toks)
     if not with_metrics:

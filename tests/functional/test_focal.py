@@ -419,6 +419,27 @@ def test_multiclass_keeps_no_tensor_of_the_logits_size(dtype, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_sigmoid_gradient_from_the_forward_survives_a_second_backward(blocks, monkeypatch):
+    """The sigmoid path writes its gradient in the forward pass and scales it in backward: a second
+    backward through the same graph (``retain_graph``) recomputes it, so the gradients add up, and a
+    forward under ``no_grad`` keeps no gradient."""
+    monkeypatch.setattr(cross_entropy_module, "BLOCK_ELEMENTS", 10_000 if blocks == 1 else 40)
+    g = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(16, 10, generator=g)).requires_grad_()
+    target = (torch.rand(16, 10, generator=g) < 0.3).float()
+    options = {"mode": "multilabel", "gamma": 2.0, "alpha": 0.25}
+    loss = focal_loss(logits, target, **options)
+    (once,) = torch.autograd.grad(3 * loss, logits, retain_graph=True)
+    (twice,) = torch.autograd.grad(3 * loss, logits)
+    torch.testing.assert_close(once, twice, rtol=0, atol=0)
+    terms = focal_elements(logits, target, **options)
+    (expected,) = torch.autograd.grad(3 * terms.loss.sum() / terms.valid.sum(), logits)
+    torch.testing.assert_close(once, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(focal_loss(logits, target, **options), loss.detach())
+
+
 def test_module_scalar_alpha_is_a_constant_factor_in_multiclass():
     logits, target = torch.randn(5, 4), torch.randint(0, 4, (5,))
     plain = FocalLoss(gamma=2.0)(logits, target).loss
