@@ -300,14 +300,15 @@ def check_finite(name: str, tensor: Tensor) -> None:
         raise ValueError(f"`{name}` holds {bad} non-finite value(s) (NaN or inf) in {_describe(tensor)}")
 
 
-def as_metric(value: Any) -> Tensor:
-    """A detached 0-dim tensor from a tensor or Python number (metrics of user losses may be floats)."""
+def as_metric(value: Any, device: torch.device | None = None) -> Tensor:
+    """A detached 0-dim tensor from a tensor or Python number (metrics of user losses may be floats); a
+    number is filled on ``device`` (made on the CPU and moved, it would be a host-device copy: a sync)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"a metric must be a scalar, got a tensor of shape {tuple(value.shape)}")
         return value.detach().reshape(())
     if isinstance(value, (bool, int, float)):
-        return torch.tensor(float(value))
+        return torch.full((), float(value), device=device)
     raise TypeError(f"a metric must be a tensor or a number, got {type(value).__name__}")
 
 
@@ -322,7 +323,7 @@ def split_output(output: Any) -> LossOutput:
         loss, metrics = output
         if not isinstance(loss, Tensor):
             raise TypeError(f"a loss must return a tensor as its first element, got {type(loss).__name__}")
-        metrics = {str(k): as_metric(v) for k, v in metrics.items()}
+        metrics = {str(k): as_metric(v, loss.device) for k, v in metrics.items()}
         metrics.setdefault("loss", loss.detach())
         return LossOutput(loss, metrics)
     raise TypeError(f"a loss must return a tensor or a (loss, metrics) pair, got {type(output).__name__}")

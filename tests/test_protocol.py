@@ -64,6 +64,9 @@ def test_split_output_accepts_tensor_pair_and_float_metrics():
         split_output([loss])
     with pytest.raises(ValueError, match="scalar"):
         split_output((loss, {"bad": torch.ones(3)}))
+    # numbers are made on the loss's device (a CPU tensor moved there would be a host-device sync)
+    on_meta = split_output((torch.zeros((), device="meta"), {"acc": 0.5}))
+    assert on_meta.metrics["acc"].device.type == "meta" and on_meta.metrics["acc"].dtype == torch.float32
 
 
 def test_shape_and_dtype_checks_name_the_argument():
