@@ -41,6 +41,7 @@ __all__ = [
     "micro_batch_share",
     "set_value_checks",
     "value_checks_enabled",
+    "without_autocast",
 ]
 
 
@@ -202,6 +203,19 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     torch.float64
     """
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def without_autocast(tensor: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast switched off on ``tensor``'s device, so a loss's matrix products run in its compute
+    dtype: a bf16 Gram matrix, for one, leaves nothing of the distances it is meant to give.
+
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16), without_autocast(torch.zeros(1)):
+    ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+    torch.float32
+    """
+    if not isinstance(tensor, Tensor) or tensor.device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()  # not a tensor: the loss's own check names the argument
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def _describe(tensor: Tensor) -> str:

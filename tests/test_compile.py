@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from lightning_losses.losses.contrastive import ContrastiveLoss
 from lightning_losses.losses.cross_entropy import CrossEntropyLoss
 from lightning_losses.losses.distillation import KLDivergenceLoss
 from lightning_losses.losses.focal import FocalLoss
@@ -123,6 +124,11 @@ CASES: dict[str, Case] = {
         ),
     ),
     "clipped_pg_local_mean": lambda g: (ClippedPGLoss(), _pg_inputs(g)),
+    # eager runs the fused function, compile the whole-matrix ops: the two must agree
+    "contrastive": lambda g: (
+        ContrastiveLoss(margin=2.0, negative_weight=0.7),
+        {"embeddings": _logits(g, N, V), "target": torch.randint(0, 3, (N,), generator=g)},
+    ),
     "nll": lambda g: (
         NLLLoss(),
         {"next_token_logits": _logits(g, B, T, V), "input_ids": _targets(g, B, T), "token_mask": _mask(g)},

@@ -9,7 +9,8 @@ whole ``[M, M]`` matrix: a custom autograd function walks over ``chunk_size`` an
 computes their similarities to all rows, their log-softmax, their loss terms and, in the same pass, their
 contribution to the gradient of the embeddings (to the chunk's rows and, through the columns, to every
 row), so memory is :math:`O(\text{chunk} \cdot M + M D)` instead of several ``[M, M]`` tensors
-(at :math:`M = 16384` one fp32 ``[M, M]`` is 1 GiB).
+(at :math:`M = 16384` one fp32 ``[M, M]`` is 1 GiB). :func:`contrastive_loss` always runs such a function
+in eager mode (blocks of about 1 MiB on a CPU unless ``chunk_size`` says otherwise).
 
 Each loss has a plain form returning the loss tensor and a ``*_with_metrics`` form returning
 ``(loss, metrics)`` with detached 0-dim metrics (what the modules of :mod:`lightning_losses.losses` log).
@@ -17,20 +18,23 @@ Each loss has a plain form returning the loss tensor and a ``*_with_metrics`` fo
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_losses.functional.cross_entropy import per_row_cross_entropy
+from lightning_losses.functional.cross_entropy import fused_path, per_row_cross_entropy, row_blocks
 from lightning_losses.protocol import (
     check_floating,
     check_ndim,
     check_positive,
     check_same_shape,
     compute_dtype,
+    without_autocast,
 )
 from lightning_losses.reduction import divide_by_count
 
@@ -49,6 +53,21 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------
 # shared pieces
 # ----------------------------------------------------------------------------------------------------
+
+
+_Loss = TypeVar("_Loss", bound=Callable[..., tuple[Tensor, dict[str, Tensor]]])
+
+
+def _without_autocast(loss_fn: _Loss) -> _Loss:
+    """Runs ``loss_fn(embeddings, ...)`` with autocast off on the embeddings' device: the similarity and
+    Gram products are the loss itself, so they stay in the compute dtype under bf16/fp16 autocast."""
+
+    @functools.wraps(loss_fn)
+    def run(embeddings: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        with without_autocast(embeddings):
+            return loss_fn(embeddings, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def _check_labels(name: str, target: Tensor, embeddings_name: str, embeddings: Tensor) -> None:
@@ -189,59 +208,90 @@ def _chunked(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _contrastive_chunk(
-    centred: Tensor,
-    squared_norms: Tensor,
-    target: Tensor,
-    start: int,
-    stop: int,
-    margin: float,
-) -> Tensor:
-    """The pair sums of anchor rows ``start:stop`` against every row, stacked: ``[Σ_P d², Σ_N hinge²,
-    Σ_P d, Σ_N d]`` (the whole-matrix path's terms, from the same centred Gram matrix)."""
-    gram = centred[start:stop] @ centred.T  # [c, N]
-    squared = (squared_norms[start:stop, None] + squared_norms[None, :] - 2 * gram).clamp(min=0)
-    same_label = target[start:stop, None] == target[None, :]
-    positive_pairs = same_label.clone()
-    positive_pairs.diagonal(offset=start).fill_(False)  # not the anchor itself
-    negative_pairs = ~same_label
-    distances = safe_sqrt(squared)
-    hinge = F.relu(margin - distances).pow(2)
-    return torch.stack(
-        [
-            torch.where(positive_pairs, squared, 0.0).sum(),
-            torch.where(negative_pairs, hinge, 0.0).sum(),
-            torch.where(positive_pairs, distances, 0.0).sum().detach(),
-            torch.where(negative_pairs, distances, 0.0).sum().detach(),
-        ]
-    )
+def _same_label_count(labels: Tensor) -> Tensor:
+    r""":math:`\sum_{i,j} [y_i = y_j]` (the diagonal too) in :math:`O(N \log N)`, without an ``[N, N]``
+    mask and without reading a value on the host: each label's run length in the sorted labels."""
+    ordered = labels.sort().values
+    run = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
+    return run.sum()
 
 
-def _contrastive_chunked(
-    x: Tensor, target: Tensor, margin: float, chunk_size: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    r"""The whole-matrix sums of :func:`_contrastive`, ``chunk_size`` anchor rows at a time, each chunk
-    under activation checkpointing (its ``[chunk, N]`` tensors are recomputed in backward, not kept):
-    memory :math:`O(\text{chunk} \cdot N + N D)`."""
-    from torch.utils.checkpoint import checkpoint
+class _FusedContrastive(torch.autograd.Function):
+    r"""Margin contrastive loss of ``x [N, D]`` (float32/float64) with labels ``[N]``, a block of anchor
+    rows at a time (``chunk_size`` rows, or :func:`row_blocks` of the ``[N, N]`` matrix when None), with
+    the gradient written in the forward pass. Returns ``(loss, positive_loss, negative_loss,
+    Σ_P d, Σ_N d, |P|, |N|)``; only ``loss`` is differentiable.
 
-    centred = x - x.mean(dim=0, keepdim=True)
-    squared_norms = centred.square().sum(-1)
-    num_rows = len(x)
-    step = max(1, min(chunk_size, num_rows))
-    sums = x.new_zeros(4)
-    num_same = torch.zeros((), dtype=torch.long, device=x.device)  # same-label pairs, the diagonal too
-    for start in range(0, num_rows, step):
-        stop = min(start + step, num_rows)
-        sums = sums + checkpoint(
-            _contrastive_chunk, centred, squared_norms, target, start, stop, margin, use_reentrant=False
-        )
-        num_same += (target[start:stop, None] == target[None, :]).sum()
-    num_positive = num_same - num_rows
-    num_negative = num_rows * num_rows - num_same
-    return sums[0], sums[1], sums[2], sums[3], num_positive, num_negative
+    With :math:`c = x - \bar x`, :math:`d^2_{ij} = \|c_i\|^2 + \|c_j\|^2 - 2 c_i^\top c_j` (clamped at
+    0, exactly 0 on the diagonal) and :math:`h_{ij} = \max(0, m - d_{ij})`, the loss is a function of
+    the symmetric matrix :math:`d^2`; with :math:`G_{ij} = \partial L / \partial d^2_{ij} =
+    [y_i = y_j] / |P| - w\,[y_i \ne y_j]\,h_{ij} / (|N|\,d_{ij})` (0 where :math:`d_{ij} = 0`, as
+    :func:`safe_sqrt` gives), :math:`\partial L/\partial c_i = 4 \sum_j G_{ij} (c_i - c_j)`: one
+    matrix product per block, each row's gradient complete from its own block. The pair counts are known
+    before the pass (:func:`_same_label_count`), so each block's :math:`G` is final when it is made.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        labels: Tensor,
+        margin: float,
+        negative_weight: float,
+        chunk_size: int | None,
+        need_distances: bool,
+        need_grad: bool,
+    ) -> tuple[Tensor, ...]:
+        num_rows = len(x)
+        centred = x - x.mean(dim=0, keepdim=True)
+        squared_norms = centred.square().sum(-1)
+        num_same = _same_label_count(labels)
+        num_positive, num_negative = num_same - num_rows, num_rows * num_rows - num_same
+        # G = a [same label] + b h / d: a and b stay on the device (no host read of the counts)
+        a = divide_by_count(torch.ones((), dtype=x.dtype, device=x.device), num_positive)
+        b = divide_by_count(torch.full((), -negative_weight, dtype=x.dtype, device=x.device), num_negative)
+        sums = torch.zeros(4, dtype=x.dtype, device=x.device)  # Σ_P d², Σ_N h², Σ_P d, Σ_N d
+        grad = torch.empty_like(x) if need_grad else None
+        if chunk_size is None:
+            blocks = row_blocks(num_rows, num_rows, x.device)
+        else:
+            blocks = [slice(s, min(s + chunk_size, num_rows)) for s in range(0, num_rows, chunk_size)]
+        for block in blocks:
+            rows = centred[block]
+            squared = torch.addmm(squared_norms[None, :], rows, centred.T, alpha=-2)  # [k, N]
+            squared.add_(squared_norms[block, None]).clamp_(min=0)
+            squared.diagonal(offset=block.start).zero_()
+            same = labels[block, None] == labels[None, :]
+            sums[0] += torch.where(same, squared, 0.0).sum()
+            distances = squared.sqrt_()
+            if need_distances:
+                positive_distance = torch.where(same, distances, 0.0).sum()
+                sums[2:] += torch.stack([positive_distance, distances.sum() - positive_distance])
+            hinge = torch.rsub(distances, margin).clamp_(min=0).masked_fill_(same, 0.0)
+            sums[1] += torch.dot(hinge.view(-1), hinge.view(-1))
+            if grad is None:
+                continue
+            # h / d: 0/0 on same-label pairs at d = 0 and m/0 on other ones at d = 0 both get 0
+            pair_grad = torch.where(same, a, hinge.div_(distances).nan_to_num_(0.0, 0.0).mul_(b))
+            torch.addmm(pair_grad.sum(1, keepdim=True) * rows, pair_grad, centred, alpha=-1, out=grad[block])
+        if grad is not None:
+            grad.mul_(4).sub_(grad.mean(dim=0, keepdim=True))  # through the centring (a no-op in exact math)
+        positive_loss = divide_by_count(sums[0], num_positive)
+        negative_loss = divide_by_count(sums[1], num_negative)
+        loss = positive_loss + negative_weight * negative_loss
+        ctx.grad = grad
+        extras = (positive_loss, negative_loss, sums[2], sums[3], num_positive, num_negative)
+        ctx.mark_non_differentiable(*extras)
+        return (loss, *extras)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+        # not in place: the stored gradient stays valid for another backward (retain_graph=True)
+        return (None if ctx.grad is None else ctx.grad * grad_loss), None, None, None, None, None, None
 
 
+@_without_autocast
 def _contrastive(
     embeddings: Tensor,
     target: Tensor,
@@ -258,21 +308,25 @@ def _contrastive(
     check_chunk_size(chunk_size)
 
     x = embeddings.to(compute_dtype(embeddings))
-    if chunk_size is not None:
-        positive_total, hinge_total, positive_distance, negative_distance, num_positive, num_negative = (
-            _contrastive_chunked(x, target, margin, chunk_size)
-        )
-        positive_loss = divide_by_count(positive_total, num_positive)
-        negative_loss = divide_by_count(hinge_total, num_negative)
-        loss = positive_loss + negative_weight * negative_loss
+    if chunk_size is not None or fused_path():
+        need_grad = torch.is_grad_enabled() and x.requires_grad
+        (
+            loss,
+            positive_loss,
+            negative_loss,
+            positive_distance,
+            negative_distance,
+            num_positive,
+            num_negative,
+        ) = _FusedContrastive.apply(x, target, margin, negative_weight, chunk_size, with_metrics, need_grad)
         if not with_metrics:
             return loss, {}
         return loss, {
             "contrastive_loss": loss.detach(),
-            "positive_loss": positive_loss.detach(),
-            "negative_loss": negative_loss.detach(),
-            "mean_positive_distance": divide_by_count(positive_distance.detach(), num_positive),
-            "mean_negative_distance": divide_by_count(negative_distance.detach(), num_negative),
+            "positive_loss": positive_loss,
+            "negative_loss": negative_loss,
+            "mean_positive_distance": divide_by_count(positive_distance, num_positive),
+            "mean_negative_distance": divide_by_count(negative_distance, num_negative),
         }
     squared = pairwise_squared_distances(x)
     same_label = target[:, None] == target[None, :]
@@ -324,18 +378,24 @@ def contrastive_loss(
     A batch without positive (or negative) pairs gives 0 for that term, not NaN. Embeddings are used
     as they are (not normalized). Coinciding embeddings (:math:`d = 0`) have finite gradients: the
     positive term uses :math:`d^2` directly and :math:`d` is :func:`safe_sqrt` (gradient 0 at 0, where
-    the hinge has no gradient). Distances come from :func:`pairwise_squared_distances` (no ``[N, N, D]``
-    tensor).
+    the hinge has no gradient). Distances come from the Gram matrix of the centred embeddings, as in
+    :func:`pairwise_squared_distances` (no ``[N, N, D]`` tensor).
+
+    Eager calls run a fused autograd function: it walks over blocks of anchor rows (on a CPU, blocks
+    of about 1 MiB of the ``[N, N]`` matrix, which stay in cache; on a GPU, one block), computes each
+    block's distances, loss terms and metrics and, in the same pass, its rows' gradient (one matrix
+    product), so nothing ``[N, N]`` is kept for backward (first derivatives only). Under
+    ``torch.compile`` without ``chunk_size`` the plain whole-matrix ops are traced instead.
 
     Args:
         embeddings: ``[N, D]`` floating (computed in float32, or float64 for float64 inputs).
         target: ``[N]`` integer class labels (any values; only equality matters).
         margin: :math:`m > 0`, the distance beyond which negative pairs cost nothing.
         negative_weight: :math:`w_- \ge 0`, the weight of the negative term.
-        chunk_size: ``None`` (default) builds the whole ``[N, N]`` distance matrix; an integer walks over
-            that many anchor rows at a time under activation checkpointing (memory
-            :math:`O(\text{chunk} \cdot N + N D)`; backward recomputes each chunk). Same result up to
-            rounding.
+        chunk_size: anchor rows per block of the fused function: memory
+            :math:`O(\text{chunk} \cdot N + N D)` on any device. ``None`` (default) picks the block as
+            above (on a GPU that is the whole ``[N, N]`` matrix: set it to bound memory there). Same
+            result up to rounding.
 
     >>> embeddings = torch.tensor([[0.0, 0.0], [0.5, 0.0], [2.0, 0.0]])
     >>> contrastive_loss(embeddings, torch.tensor([0, 0, 1]), margin=2.0)  # 0.5² + (0² + 0.5²) / 2
@@ -379,6 +439,7 @@ def _similarity_logits(z: Tensor, temperature: float, normalize: bool) -> tuple[
     return z, logits, not_self
 
 
+@_without_autocast
 def _info_nce(
     embeddings: Tensor,
     positive_embeddings: Tensor,
@@ -502,6 +563,7 @@ def info_nce_loss_with_metrics(
 # ----------------------------------------------------------------------------------------------------
 
 
+@_without_autocast
 def _supervised_contrastive(
     embeddings: Tensor,
     target: Tensor,

@@ -31,9 +31,9 @@ class ContrastiveLoss(LossFunction):
     Args:
         margin: distance beyond which different-label pairs cost nothing (> 0).
         negative_weight: weight of the negative term (≥ 0).
-        chunk_size: ``None`` builds the whole distance matrix; an integer walks over that many anchor
-            rows at a time (memory O(chunk × batch) instead of several [batch, batch] matrices; each chunk
-            is recomputed in backward). Same result up to rounding.
+        chunk_size: anchor rows per block of the fused computation (memory O(chunk × batch) on any
+            device); ``None`` picks blocks of ~1 MiB on a CPU and the whole matrix on a GPU. Same result
+            up to rounding.
 
     Inputs: ``embeddings [N, D]`` and ``target [N]`` integer labels.
     Metrics: ``loss``, ``contrastive_loss``, ``positive_loss``, ``negative_loss``,

@@ -1,5 +1,6 @@
 """Contrastive family: ContrastiveLoss, InfoNCELoss, SupConLoss against brute-force float64 loops."""
 
+import importlib
 import math
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from lightning_losses.functional.contrastive import (
 from lightning_losses.losses.contrastive import ContrastiveLoss, InfoNCELoss, SupConLoss
 from lightning_losses.registry import build_loss
 from tests.loss_tester import LossTester
+
+CONTRASTIVE_MODULE = importlib.import_module("lightning_losses.functional.contrastive")
+CROSS_ENTROPY_MODULE = importlib.import_module("lightning_losses.functional.cross_entropy")
 
 # ----------------------------------------------------------------------------------------------------
 # brute-force references: Python loops over anchors and pairs in float64
@@ -121,6 +125,25 @@ class TestContrastive(LossTester):
         return brute_force_contrastive(embeddings, target, **options)[0]
 
 
+@pytest.fixture
+def plain_ops(monkeypatch):
+    """The margin contrastive loss through its plain whole-matrix ops (what ``torch.compile`` traces)."""
+    monkeypatch.setattr(CONTRASTIVE_MODULE, "fused_path", lambda: False)
+
+
+@pytest.fixture(params=["fused", "plain"])
+def contrastive_path(request):
+    """A test run twice: through the fused function (eager's path) and through the plain ops."""
+    if request.param == "plain":
+        request.getfixturevalue("plain_ops")
+    return request.param
+
+
+@pytest.mark.usefixtures("plain_ops")
+class TestContrastivePlainOps(TestContrastive):
+    """The plain whole-matrix path against the same brute-force reference."""
+
+
 class TestInfoNCE(LossTester):
     functional = staticmethod(info_nce_loss)
     module_class = InfoNCELoss
@@ -169,8 +192,8 @@ class TestInfoNCEChunked(TestInfoNCE):
 
 
 class TestContrastiveChunked(TestContrastive):
-    """The chunked path (checkpointed anchor-row chunks) against the same brute-force reference (chunks of
-    1 row, uneven, one whole)."""
+    """The fused function in chunks of ``chunk_size`` rows against the same brute-force reference (chunks
+    of 1 row, uneven, one whole)."""
 
     option_sets = [
         {"chunk_size": 1},
@@ -200,6 +223,7 @@ class TestSupConChunked(TestSupCon):
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("contrastive_path")
 def test_contrastive_metrics_match_brute_force():
     g = torch.Generator().manual_seed(3)
     embeddings = torch.randn(12, 3, generator=g, dtype=torch.float64)
@@ -212,6 +236,7 @@ def test_contrastive_metrics_match_brute_force():
         torch.testing.assert_close(metrics[key], value, msg=key)
 
 
+@pytest.mark.usefixtures("contrastive_path")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_contrastive_coinciding_embeddings_have_finite_correct_gradients(dtype):
     g = torch.Generator().manual_seed(0)
@@ -231,6 +256,7 @@ def test_contrastive_coinciding_embeddings_have_finite_correct_gradients(dtype):
     torch.testing.assert_close(x.grad.double(), expected_grad, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.usefixtures("contrastive_path")
 def test_contrastive_gradient_matches_hand_derived_one():
     g = torch.Generator().manual_seed(5)
     embeddings = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -240,6 +266,7 @@ def test_contrastive_gradient_matches_hand_derived_one():
     torch.testing.assert_close(embeddings.grad, expected)
 
 
+@pytest.mark.usefixtures("contrastive_path")
 def test_contrastive_collapsed_batch():
     """Every embedding equal: all distances 0, so the loss is w·m² and no gradient is NaN."""
     x = torch.ones(6, 3, requires_grad=True)
@@ -249,6 +276,7 @@ def test_contrastive_collapsed_batch():
     assert torch.count_nonzero(x.grad) == 0
 
 
+@pytest.mark.usefixtures("contrastive_path")
 @pytest.mark.parametrize(
     ("target", "empty_term"), [([0, 1, 2, 3], "positive_loss"), ([4, 4, 4, 4], "negative_loss")]
 )
@@ -261,6 +289,7 @@ def test_contrastive_batch_without_positive_or_negative_pairs(target, empty_term
     assert loss.item() > 0  # the other term is still there
 
 
+@pytest.mark.usefixtures("contrastive_path")
 def test_contrastive_single_embedding_is_zero_with_zero_gradient():
     x = torch.randn(1, 3, requires_grad=True)
     loss = contrastive_loss(x, torch.tensor([0]))
@@ -440,16 +469,28 @@ def test_supcon_chunked_without_positive_pairs_is_exactly_zero_with_zero_gradien
     assert x.grad is not None and torch.count_nonzero(x.grad) == 0
 
 
-def test_supcon_chunked_scales_by_the_incoming_gradient_and_retains_graph():
+@pytest.mark.parametrize(
+    ("fused", "plain"),
+    [
+        (lambda x, t: supervised_contrastive_loss(x, t, chunk_size=6), supervised_contrastive_loss),
+        (lambda x, t: contrastive_loss(x, t, margin=3.0), None),  # eager: the fused function
+    ],
+    ids=["supcon_chunked", "contrastive"],
+)
+def test_gradient_written_in_forward_scales_by_the_incoming_gradient_and_retains_graph(fused, plain):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(20, 8, generator=g, requires_grad=True)
     target = torch.randint(0, 4, (20,), generator=g)
-    loss = supervised_contrastive_loss(x, target, chunk_size=6)
+    loss = fused(x, target)
     (once,) = torch.autograd.grad(loss, x, retain_graph=True)
     (tripled,) = torch.autograd.grad(3 * loss, x)  # the stored gradient is not consumed or scaled in place
     torch.testing.assert_close(tripled, 3 * once)
-    (reference,) = torch.autograd.grad(supervised_contrastive_loss(x, target), x)
-    torch.testing.assert_close(once, reference, rtol=1e-5, atol=1e-7)
+    if plain is not None:
+        (reference,) = torch.autograd.grad(plain(x, target), x)
+        torch.testing.assert_close(once, reference, rtol=1e-5, atol=1e-7)
+    else:
+        _, _, expected = brute_force_contrastive(x.detach(), target, margin=3.0)
+        torch.testing.assert_close(once.double(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_supcon_chunked_large_logits_stay_finite():
@@ -498,26 +539,54 @@ def test_bad_chunk_size(fn, chunk_size):
         ContrastiveLoss(chunk_size=chunk_size)
 
 
+def _contrastive_loss_grad_metrics(x, target, **options):
+    leaf = x.clone().requires_grad_()
+    loss, metrics = contrastive_loss_with_metrics(leaf, target, margin=2.0, negative_weight=0.7, **options)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    assert all(m.ndim == 0 and not m.requires_grad for m in metrics.values())
+    return loss.detach(), grad, metrics
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_contrastive_chunked_equals_whole_matrix_with_metrics_and_gradient(dtype):
+def test_contrastive_fused_blocks_equal_plain_ops_with_metrics_and_gradient(dtype, monkeypatch):
+    """The fused function in explicit chunks and in automatic blocks (of one row: BLOCK_ELEMENTS made
+    tiny) against the plain whole-matrix ops."""
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(37, 6, generator=g) + 3.0).to(dtype)
     target = torch.randint(-2, 5, (37,), generator=g) * 1000  # labels are compared, not ranged
     x[4] = x[3]  # coinciding embeddings: d = 0 (finite gradient)
-    rtol = 1e-5 if dtype == torch.float32 else 1e-10
-    whole_x, chunked_x = x.clone().requires_grad_(), x.clone().requires_grad_()
-    whole = contrastive_loss_with_metrics(whole_x, target, margin=2.0, negative_weight=0.7)
-    chunked = contrastive_loss_with_metrics(chunked_x, target, margin=2.0, negative_weight=0.7, chunk_size=8)
-    torch.testing.assert_close(chunked[0], whole[0], rtol=rtol, atol=rtol)
-    assert chunked[1].keys() == whole[1].keys()
-    for key, value in whole[1].items():
-        torch.testing.assert_close(chunked[1][key], value, rtol=rtol, atol=rtol, msg=key)
-        assert chunked[1][key].ndim == 0 and not chunked[1][key].requires_grad
-    (whole_grad,) = torch.autograd.grad(whole[0], whole_x)
-    (chunked_grad,) = torch.autograd.grad(chunked[0], chunked_x)
-    torch.testing.assert_close(chunked_grad, whole_grad, rtol=rtol, atol=rtol)
+    # Blocks and the whole matrix round the Gram product differently; at d = 0 that rounding
+    # becomes sqrt(eps·|x|²) in the distance, hence an fp64 tolerance well above eps.
+    rtol = 1e-5 if dtype == torch.float32 else 1e-8
+    chunked = _contrastive_loss_grad_metrics(x, target, chunk_size=8)
+    monkeypatch.setattr(CROSS_ENTROPY_MODULE, "BLOCK_ELEMENTS", 40)
+    blocks = _contrastive_loss_grad_metrics(x, target)
+    monkeypatch.setattr(CONTRASTIVE_MODULE, "fused_path", lambda: False)
+    whole = _contrastive_loss_grad_metrics(x, target)
+    for fused in (chunked, blocks):
+        torch.testing.assert_close(fused[0], whole[0], rtol=rtol, atol=rtol)
+        torch.testing.assert_close(fused[1], whole[1], rtol=rtol, atol=rtol)
+        assert fused[2].keys() == whole[2].keys()
+        for key, value in whole[2].items():
+            torch.testing.assert_close(fused[2][key], value, rtol=rtol, atol=rtol, msg=key)
     module = ContrastiveLoss(margin=2.0, negative_weight=0.7, chunk_size=8)
-    torch.testing.assert_close(module(x, target).loss, whole[0].detach(), rtol=rtol, atol=rtol)
+    torch.testing.assert_close(module(x, target).loss, whole[0], rtol=rtol, atol=rtol)
+
+
+def test_contrastive_fused_without_grad_computes_no_gradient():
+    x = torch.randn(12, 4)
+    target = torch.arange(12) % 3
+    with torch.no_grad():
+        loss = contrastive_loss(x.requires_grad_(), target)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss.double(), brute_force_contrastive(x.detach(), target)[0])
+
+
+@pytest.mark.parametrize("labels", [[], [7], [3, 3, 3], [0, 5, 0, -1, 5, 0, 2], list(range(9))])
+def test_same_label_count_is_the_number_of_equal_ordered_pairs(labels):
+    labels = torch.tensor(labels, dtype=torch.long)
+    expected = int((labels[:, None] == labels[None, :]).sum())
+    assert CONTRASTIVE_MODULE._same_label_count(labels).item() == expected
 
 
 def test_contrastive_chunked_keeps_no_n_by_n_tensor():
@@ -682,3 +751,32 @@ def test_config_reaches_95_percent_knn_validation_accuracy(config, tmp_path):
     best = cli.trainer.checkpoint_callback.best_model_score
     assert best is not None and best.item() >= 0.95, best
     assert cli.trainer.callback_metrics["val/knn_accuracy"] >= 0.95
+
+
+@pytest.mark.usefixtures("contrastive_path")
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [contrastive_loss_with_metrics, supervised_contrastive_loss_with_metrics, info_nce_loss_with_metrics],
+    ids=["contrastive", "supcon", "info_nce"],
+)
+def test_bf16_autocast_leaves_the_products_in_float32(loss_fn, chunk_size):
+    """Under bf16 autocast the loss, metrics and gradient are the float32 ones: the Gram and similarity
+    products are not handed to autocast (a bf16 Gram matrix gives distances off by far more than 1e-5)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 8, generator=g) + 2.0
+    paired = loss_fn is info_nce_loss_with_metrics
+    second = torch.randn(10, 8, generator=g) if paired else torch.arange(10) % 3
+
+    def run(autocast):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, metrics = loss_fn(leaf, second, chunk_size=chunk_size)
+        # backward outside autocast, as Lightning runs it
+        return loss.detach(), torch.autograd.grad(loss, leaf)[0], metrics
+
+    expected, mixed = run(False), run(True)
+    torch.testing.assert_close(mixed[0], expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[1], expected[1], rtol=1e-5, atol=1e-6)
+    for key, value in expected[2].items():
+        torch.testing.assert_close(mixed[2][key], value, rtol=1e-5, atol=1e-6, msg=key)
