@@ -27,7 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_losses.functional.cross_entropy import fused_path, per_row_cross_entropy, row_blocks
+from lightning_losses.functional.cross_entropy import (
+    FUSED_MIN_BYTES,
+    fused_path,
+    per_row_cross_entropy,
+    row_blocks,
+)
 from lightning_losses.protocol import (
     check_floating,
     check_ndim,
@@ -430,6 +435,63 @@ def contrastive_loss_with_metrics(
 # ----------------------------------------------------------------------------------------------------
 
 
+class _WholeInfoNCE(torch.autograd.Function):
+    r"""InfoNCE of rows ``z [M, D]`` (``M = 2N``; row :math:`i`'s positive is row :math:`(i + N) \bmod M`)
+    from one ``[M, M]`` matrix, the gradient written in the forward pass. Returns ``(loss,
+    positive_logit_sum, hits or None)``; only ``loss`` is differentiable. ``hits [M]`` says whether the
+    positive is the row's argmax (from the largest other logit; argmax itself only for tied rows).
+
+    With :math:`S = z z^\top`, :math:`s = S / \tau` (diagonal :math:`-\infty`) and :math:`p` its row
+    softmax, :math:`\partial L / \partial S = (p - Y) / (M \tau)` with :math:`Y` the positives' one-hot
+    rows, and since :math:`S` is :math:`z z^\top`, :math:`\partial L / \partial z = (G + G^\top) z /
+    (M \tau)` with :math:`G = p - Y`: one matrix product where autograd takes two, and the softmax made
+    in place from the forward pass's exponentials.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, z: Tensor, temperature: float, need_hits: bool, need_grad: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        num_rows, num_pairs = len(z), len(z) // 2
+        logits = torch.mm(z, z.T).div_(temperature).fill_diagonal_(float("-inf"))
+        # s[i, i + N] and s[i + N, i]: the positives of rows 0..N-1 and N..2N-1
+        positives = (logits.diagonal(num_pairs), logits.diagonal(-num_pairs))
+        positive_logits = torch.cat(positives)
+        if need_hits:  # the largest other logit (positives masked for a moment) decides, not an argmax
+            for diagonal in positives:
+                diagonal.fill_(float("-inf"))
+            other_max = logits.amax(1)
+            for diagonal, values in zip(positives, positive_logits.split(num_pairs), strict=True):
+                diagonal.copy_(values)
+            hits = positive_logits > other_max
+            tied = positive_logits == other_max
+            if tied.any():  # a CPU-only path: the read costs nothing; ties go to argmax's first index
+                rows = tied.nonzero().squeeze(1)
+                hits[rows] = logits[rows].argmax(1) == (rows + num_pairs) % num_rows
+            row_max = torch.maximum(other_max, positive_logits)
+        else:
+            hits, row_max = None, logits.amax(1)
+        exponentials = logits.sub_(row_max[:, None]).exp_()  # logits are gone from here on
+        row_sums = exponentials.sum(1)
+        positive_logit_sum = positive_logits.sum()
+        loss = (row_max.sum() + row_sums.log().sum() - positive_logit_sum) / num_rows
+        grad = None
+        if need_grad:
+            g = exponentials.div_(row_sums[:, None])  # the softmax p
+            for diagonal in (g.diagonal(num_pairs), g.diagonal(-num_pairs)):
+                diagonal.sub_(1.0)
+            grad = torch.mm(torch.add(g, g.T), z).mul_(1.0 / (num_rows * temperature))
+        ctx.grad = grad
+        ctx.mark_non_differentiable(positive_logit_sum)
+        return loss, positive_logit_sum, hits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, None, None, None]:
+        # not in place: the stored gradient stays valid for another backward (retain_graph=True)
+        return (None if ctx.grad is None else ctx.grad * grad_loss), None, None, None
+
+
 def _similarity_logits(z: Tensor, temperature: float, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(z', logits, not_self)``: normalized rows, ``z' z'^T / τ`` with ``-inf`` on the diagonal."""
     if normalize:
@@ -458,6 +520,7 @@ def _info_nce(
     dtype = compute_dtype(embeddings, positive_embeddings)
     z = torch.cat([embeddings.to(dtype), positive_embeddings.to(dtype)])
     num_pairs = len(embeddings)
+    num_negatives = 2 * num_pairs * (2 * num_pairs - 2)
     if chunk_size is not None:  # SupCon with the two views of pair i labelled i: one positive each
         if normalize:
             z = F.normalize(z, dim=-1)
@@ -466,7 +529,6 @@ def _info_nce(
         if not with_metrics:
             return loss, {}
         partner = (torch.arange(2 * num_pairs, device=z.device) + num_pairs) % (2 * num_pairs)
-        num_negatives = 2 * num_pairs * (2 * num_pairs - 2)
         return loss, {
             "accuracy": divide_by_count((argmax == partner).to(dtype).sum(), 2 * num_pairs),
             "mean_positive_similarity": divide_by_count(positive_sum.sum() * temperature, 2 * num_pairs),
@@ -478,21 +540,31 @@ def _info_nce(
         return loss, (dict.fromkeys(keys, loss.detach()) if with_metrics else {})
     if normalize:
         z = F.normalize(z, dim=-1)
-    # s = z z^T / τ with -inf on the diagonal, in place on the product (backward needs z, not s); the
-    # loss is the cross-entropy of each row against its partner's column, fused (no [2N, 2N] log-probs)
-    logits = torch.mm(z, z.T).div_(temperature).fill_diagonal_(float("-inf"))
-    partner = (torch.arange(2 * num_pairs, device=z.device) + num_pairs) % (2 * num_pairs)  # view 1 ↔ 2
-    per_anchor, argmax = per_row_cross_entropy(logits, partner, need_argmax=with_metrics)
-    loss = divide_by_count(per_anchor.sum(), 2 * num_pairs)
-    if not with_metrics:
-        return loss, {}
+    # Below FUSED_MIN_BYTES the whole matrix fits recycled heap memory: one fused function. Above it
+    # (and on a GPU or under compile), s = z z^T / τ with -inf on the diagonal, in place on the product
+    # (backward needs z, not s), then the cross-entropy of each row against its partner's column, which
+    # on a CPU walks over blocks of rows (no [2N, 2N] log-probs).
+    if fused_path() and z.device.type == "cpu" and len(z) ** 2 * z.element_size() < FUSED_MIN_BYTES:
+        need_grad = torch.is_grad_enabled() and z.requires_grad
+        loss, positive_logit_sum, hits = _WholeInfoNCE.apply(z, temperature, with_metrics, need_grad)
+        if not with_metrics:
+            return loss, {}
+        positive_sum = positive_logit_sum * temperature
+    else:
+        logits = torch.mm(z, z.T).div_(temperature).fill_diagonal_(float("-inf"))
+        partner = (torch.arange(2 * num_pairs, device=z.device) + num_pairs) % (2 * num_pairs)  # 1 ↔ 2
+        per_anchor, argmax = per_row_cross_entropy(logits, partner, need_argmax=with_metrics)
+        loss = divide_by_count(per_anchor.sum(), 2 * num_pairs)
+        if not with_metrics:
+            return loss, {}
+        hits = argmax == partner
+        with torch.no_grad():
+            positive_sum = (z[:num_pairs] * z[num_pairs:]).sum() * 2
     with torch.no_grad():
         # similarities z_i·z_j (not over τ) from [2N, D] sums: Σ_{i≠j} z_i·z_j = ‖Σ_i z_i‖² − Σ_i ‖z_i‖²
-        positive_sum = (z[:num_pairs] * z[num_pairs:]).sum() * 2
         off_diagonal_sum = z.sum(0).square().sum() - z.square().sum()
-        num_negatives = 2 * num_pairs * (2 * num_pairs - 2)
         metrics = {
-            "accuracy": divide_by_count((argmax == partner).to(dtype).sum(), 2 * num_pairs),
+            "accuracy": divide_by_count(hits.to(dtype).sum(), 2 * num_pairs),
             "mean_positive_similarity": divide_by_count(positive_sum, 2 * num_pairs),
             "mean_negative_similarity": divide_by_count(off_diagonal_sum - positive_sum, num_negatives),
         }
@@ -521,6 +593,10 @@ def info_nce_loss(
     L2-normalized first, so :math:`s` is the cosine similarity over :math:`\tau`; with ``False`` the raw
     dot products are used.
 
+    Eager calls on a CPU with a ``[2N, 2N]`` matrix under 32 MiB (float32: ``N`` up to 1448) run one fused
+    autograd function: a single product for the gradient where autograd takes two, written in the
+    forward pass (first derivatives only). Larger batches, GPUs and ``torch.compile`` take plain ops.
+
     Args:
         embeddings: ``[N, D]`` first view (floating; computed in float32, or float64).
         positive_embeddings: ``[N, D]`` second view; row ``i`` is the positive of row ``i``.
@@ -548,7 +624,8 @@ def info_nce_loss_with_metrics(
     chunk_size: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`info_nce_loss` and its detached metrics: ``accuracy`` (share of anchors whose most
-    similar other row is their positive), ``mean_positive_similarity`` and ``mean_negative_similarity``
+    similar other row is their positive; among tied rows the first, as ``argmax``),
+    ``mean_positive_similarity`` and ``mean_negative_similarity``
     (cosine similarities when normalized, dot products otherwise; not divided by τ).
 
     >>> views = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

@@ -127,7 +127,8 @@ class TestContrastive(LossTester):
 
 @pytest.fixture
 def plain_ops(monkeypatch):
-    """The margin contrastive loss through its plain whole-matrix ops (what ``torch.compile`` traces)."""
+    """Margin contrastive and InfoNCE through their plain whole-matrix ops (what ``torch.compile``
+    traces; for InfoNCE also the path of CPU batches above ``FUSED_MIN_BYTES`` and of GPUs)."""
     monkeypatch.setattr(CONTRASTIVE_MODULE, "fused_path", lambda: False)
 
 
@@ -158,6 +159,11 @@ class TestInfoNCE(LossTester):
 
     def reference(self, embeddings, positive_embeddings, **options):
         return brute_force_info_nce(embeddings, positive_embeddings, **options)
+
+
+@pytest.mark.usefixtures("plain_ops")
+class TestInfoNCEPlainOps(TestInfoNCE):
+    """The plain whole-matrix path against the same brute-force reference."""
 
 
 class TestSupCon(LossTester):
@@ -318,6 +324,7 @@ def test_contrastive_has_no_temperature():
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("contrastive_path")
 @pytest.mark.parametrize("normalize", [True, False])
 def test_info_nce_equals_simclr_cross_entropy_form(normalize):
     """SimCLR's formulation: cross-entropy over [2N, 2N] similarities, the diagonal masked out."""
@@ -331,6 +338,7 @@ def test_info_nce_equals_simclr_cross_entropy_form(normalize):
     torch.testing.assert_close(info_nce_loss(a, b, temperature=0.2, normalize=normalize), expected)
 
 
+@pytest.mark.usefixtures("contrastive_path")
 def test_info_nce_metrics():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
     b = torch.tensor([[2.0, 0.1], [1.0, 1.0], [0.0, 3.0]], dtype=torch.float64)
@@ -348,12 +356,63 @@ def test_info_nce_metrics():
     torch.testing.assert_close(loss, brute_force_info_nce(a, b, temperature=0.5))
 
 
+@pytest.mark.usefixtures("contrastive_path")
 def test_info_nce_large_logits_stay_finite():
     a = torch.randn(8, 4) * 1e3
     b = (a + torch.randn(8, 4)).requires_grad_()
     loss = info_nce_loss(a, b, temperature=0.01, normalize=False)  # logits ~ 1e8: exp would overflow
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(b.grad).all()
+
+
+@pytest.mark.usefixtures("contrastive_path")
+def test_info_nce_accuracy_breaks_ties_as_argmax_does():
+    """Ties go to the first most similar row on every path. A collapsed batch ties everything: only row
+    N, whose positive is row 0, hits. Below, rows 0 and 1 coincide, and so several similarities tie."""
+    same = torch.ones(4, 3)
+    assert InfoNCELoss()(same, same).metrics["accuracy"] == 1 / 8
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])
+    # raw dot products; the rows are a0 a1 a2 b0 b1 b2, positives 0↔3, 1↔4, 2↔5:
+    # a0 ties a1 and b0 (first: a1, a miss), a1's positive is not on top, a2 → b2 alone,
+    # b0 ties a0 and a1 (first: a0, its positive), b1 ties a0, a1 and b0 (first: a0, a miss), b2 → a2
+    hits = [False, False, True, True, False, True]
+    assert InfoNCELoss(normalize=False)(a, b).metrics["accuracy"] == sum(hits) / 6
+
+
+def test_info_nce_whole_matrix_function_equals_plain_ops(monkeypatch):
+    """The fused function (eager CPU batches below ``FUSED_MIN_BYTES``) against the plain ops in
+    float64: loss, metrics and gradients of both views, for normalized and raw rows."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    b = a + 0.5 * torch.randn(9, 5, generator=g, dtype=torch.float64)
+
+    def run(normalize):
+        leaves = a.clone().requires_grad_(), b.clone().requires_grad_()
+        loss, metrics = info_nce_loss_with_metrics(*leaves, temperature=0.3, normalize=normalize)
+        return loss.detach(), torch.autograd.grad(loss, leaves), metrics
+
+    fused = [run(normalize) for normalize in (True, False)]
+    monkeypatch.setattr(CONTRASTIVE_MODULE, "fused_path", lambda: False)
+    for (loss, grads, metrics), (plain_loss, plain_grads, plain_metrics) in zip(
+        fused, [run(normalize) for normalize in (True, False)], strict=True
+    ):
+        torch.testing.assert_close(loss, plain_loss)
+        for grad, plain_grad in zip(grads, plain_grads, strict=True):
+            torch.testing.assert_close(grad, plain_grad)
+        assert metrics.keys() == plain_metrics.keys()
+        for key, value in plain_metrics.items():
+            torch.testing.assert_close(metrics[key], value, msg=key)
+
+
+def test_info_nce_whole_matrix_function_without_grad_computes_no_gradient():
+    a, b = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        loss = info_nce_loss(a.requires_grad_(), b.requires_grad_())
+    assert not loss.requires_grad
+    torch.testing.assert_close(
+        loss.double(), brute_force_info_nce(a.detach(), b.detach()), rtol=1e-5, atol=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -474,8 +533,12 @@ def test_supcon_chunked_without_positive_pairs_is_exactly_zero_with_zero_gradien
     [
         (lambda x, t: supervised_contrastive_loss(x, t, chunk_size=6), supervised_contrastive_loss),
         (lambda x, t: contrastive_loss(x, t, margin=3.0), None),  # eager: the fused function
+        (
+            lambda x, t: info_nce_loss(x[:10], x[10:]),
+            lambda x, t: info_nce_loss(x[:10], x[10:], chunk_size=7),
+        ),
     ],
-    ids=["supcon_chunked", "contrastive"],
+    ids=["supcon_chunked", "contrastive", "info_nce"],
 )
 def test_gradient_written_in_forward_scales_by_the_incoming_gradient_and_retains_graph(fused, plain):
     g = torch.Generator().manual_seed(5)
@@ -574,12 +637,13 @@ def test_contrastive_fused_blocks_equal_plain_ops_with_metrics_and_gradient(dtyp
 
 
 def test_contrastive_fused_without_grad_computes_no_gradient():
-    x = torch.randn(12, 4)
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(3))
     target = torch.arange(12) % 3
     with torch.no_grad():
         loss = contrastive_loss(x.requires_grad_(), target)
     assert not loss.requires_grad
-    torch.testing.assert_close(loss.double(), brute_force_contrastive(x.detach(), target)[0])
+    expected = brute_force_contrastive(x.detach(), target)[0]
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)  # float32 vs float64
 
 
 @pytest.mark.parametrize("labels", [[], [7], [3, 3, 3], [0, 5, 0, -1, 5, 0, 2], list(range(9))])
