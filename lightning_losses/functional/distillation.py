@@ -111,7 +111,10 @@ def _divergence_per_row(log_teacher: Tensor, log_student: Tensor, direction: str
 
 class _ForwardKL(torch.autograd.Function):
     r"""Per-row forward KL of ``x [R, C]`` (student logits) from ``teacher [R, C]`` (a constant), both
-    divided by :math:`T` and computed in ``dtype``, a block of rows at a time (no ``[R, C]`` tensor kept).
+    divided by :math:`T` and computed in ``dtype``, a block of rows at a time; of ``[R, C]`` size only the
+    gradient is made and kept (when ``need_grad``), written in the forward pass while each block is in
+    cache, so the backward scales it in place by each row's incoming gradient (a second backward, with
+    ``retain_graph``, recomputes it from the saved log-normalizers).
 
     With :math:`u = z^t/T`, :math:`s = z^s/T`, :math:`p = \mathrm{softmax}(u)`, :math:`q =
     \mathrm{softmax}(s)`: :math:`\mathrm{KL}_i = \sum_c p_c (u_c - s_c) - \operatorname{lse}(u) +
@@ -123,36 +126,46 @@ class _ForwardKL(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, teacher: Tensor, temperature: float, dtype: torch.dtype
+        ctx: Any, x: Tensor, teacher: Tensor, temperature: float, dtype: torch.dtype, need_grad: bool
     ) -> Tensor:
         rows, classes = x.shape
         kl = torch.empty(rows, dtype=dtype, device=x.device)
         lse_student, lse_teacher = torch.empty_like(kl), torch.empty_like(kl)
+        # (q − p) per block while both are in cache; the backward only scales it by each row's grad / T
+        grad = torch.empty_like(x) if need_grad else None
         for block in row_blocks(rows, classes, x.device):
             s = x[block].to(dtype) / temperature
             u = teacher[block].to(dtype) / temperature
             lse_s, lse_u = torch.logsumexp(s, dim=-1), torch.logsumexp(u, dim=-1)
             p = torch.sub(u, finite_or_zero(lse_u)[:, None]).exp_()
-            cross = torch.nan_to_num_(p.mul_(u.sub_(s)), nan=0.0, posinf=math.inf, neginf=-math.inf)
+            u.sub_(s)
+            if grad is not None:
+                q = s.sub_(finite_or_zero(lse_s)[:, None]).exp_()
+                torch.sub(q, p, out=grad[block])
+            cross = torch.nan_to_num_(p.mul_(u), nan=0.0, posinf=math.inf, neginf=-math.inf)
             kl[block] = cross.sum(-1) - lse_u + lse_s
             lse_student[block], lse_teacher[block] = lse_s, lse_u
         ctx.save_for_backward(x, teacher, finite_or_zero(lse_student), finite_or_zero(lse_teacher))
         ctx.options = (temperature, dtype)
+        ctx.grad = grad
         return kl
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         x, teacher, lse_student, lse_teacher = ctx.saved_tensors
         temperature, dtype = ctx.options
         scale = (grad_kl / temperature)[:, None]
+        grad, ctx.grad = ctx.grad, None
+        if grad is not None:  # the forward's, scaled in place: it is handed out once
+            return grad.mul_(scale.to(grad.dtype)), None, None, None, None
+        # a second backward through the graph (retain_graph=True): recomputed block by block
         grad = torch.empty_like(x)
         for block in row_blocks(*x.shape, x.device):
             q = torch.sub(x[block].to(dtype) / temperature, lse_student[block, None]).exp_()
             p = torch.sub(teacher[block].to(dtype) / temperature, lse_teacher[block, None]).exp_()
-            values = q.sub_(p).mul_(scale[block])
-            grad[block].copy_(values)
-        return grad, None, None, None
+            grad[block].copy_(q.sub_(p).mul_(scale[block]))
+        return grad, None, None, None, None
 
 
 def _check_logits(logits: Tensor, teacher_logits: Tensor, mask: Tensor | None) -> None:
@@ -235,8 +248,13 @@ def kl_divergence(
     )
     if fused:
         classes = logits.shape[-1]
+        need_grad = torch.is_grad_enabled() and logits.requires_grad
         per_row = _ForwardKL.apply(
-            logits.reshape(-1, classes), teacher_logits.reshape(-1, classes), float(temperature), dtype
+            logits.reshape(-1, classes),
+            teacher_logits.reshape(-1, classes),
+            float(temperature),
+            dtype,
+            need_grad,
         ).reshape(logits.shape[:-1])
         return masked_mean(per_row, mask, global_valid_toks)
     log_student = F.log_softmax(logits.to(dtype) / temperature, dim=-1)

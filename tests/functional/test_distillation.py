@@ -621,3 +621,25 @@ def test_fused_forward_kl_equals_the_unfused_path(dtype, monkeypatch):
             lambda s: kl_divergence(s, finite_teacher, temperature=2.0),
             (finite_student.requires_grad_(),),
         )
+
+
+def test_fused_forward_kl_gradient_written_in_forward_scales_and_survives_a_second_backward():
+    """The gradient is made in the forward pass and only scaled per row in the backward: a second
+    backward (retain_graph) of 3·loss gets 3× the first, and both equal the plain path's."""
+    g = torch.Generator().manual_seed(6)
+    student, teacher = torch.randn(2, 9, 7, generator=g)
+    mask = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.5, 1.0, 1.0, 3.0, 1.0])
+    x = student.clone().requires_grad_()
+    loss = kl_divergence(x, teacher, mask, temperature=2.0)
+    (once,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (tripled,) = torch.autograd.grad(3 * loss, x)
+    torch.testing.assert_close(tripled, 3 * once)
+    y = student.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(
+        kl_divergence(y, teacher.clone().requires_grad_(), mask, temperature=2.0), y
+    )
+    torch.testing.assert_close(once, plain)
+    with torch.no_grad():
+        no_grad = kl_divergence(student.clone().requires_grad_(), teacher, mask, temperature=2.0)
+    assert not no_grad.requires_grad
+    torch.testing.assert_close(no_grad, loss.detach())
