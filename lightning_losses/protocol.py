@@ -213,7 +213,7 @@ def without_autocast(tensor: Tensor) -> contextlib.AbstractContextManager[Any]:
     ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
     torch.float32
     """
-    if not isinstance(tensor, Tensor) or tensor.device.type not in ("cpu", "cuda"):
+    if not isinstance(tensor, Tensor) or not torch.amp.is_autocast_available(tensor.device.type):
         return contextlib.nullcontext()  # not a tensor: the loss's own check names the argument
     return torch.autocast(tensor.device.type, enabled=False)
 
