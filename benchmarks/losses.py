@@ -171,10 +171,7 @@ def _logit_cases(loss: str, sizes: Sequence[tuple[int, int]], device: str) -> li
                     "torchvision sigmoid_focal_loss formula",
                     lambda x: ref.sigmoid_focal(x["logits"], x["multilabel"]),
                     True,
-                    note=(
-                        "ours: ~2x its elementwise ops (bool where-masks ~4 ns/elem, metrics); its [N, C] "
-                        "temporaries are < 32 MiB: reused heap, no page faults"
-                    ),
+                    note="ours: fused per block of rows, gradient made in the forward, no bool selects",
                 )
             ]
         elif loss == "kl_divergence":

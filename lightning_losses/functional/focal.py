@@ -424,36 +424,24 @@ class _SoftmaxFocal(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _sigmoid_block(
-    x: Tensor, t: Tensor, mask: Tensor | None, ignore_index: int | None, dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(weights, keep, logits, targets)`` of a block, the elements that do not count set to 0."""
-    if mask is None:
-        weights = (
-            (t != ignore_index).to(dtype) if ignore_index is not None else torch.ones_like(x, dtype=dtype)
-        )
-    else:
-        weights = mask.to(dtype) if ignore_index is None else mask.to(dtype) * (t != ignore_index)
-    keep = weights != 0
-    return weights, keep, torch.where(keep, x.to(dtype), 0.0), torch.where(keep, t.to(dtype), 0.0)
+def _block_weights(
+    t: Tensor, mask: Tensor | None, ignore_index: int | None, dtype: torch.dtype
+) -> Tensor | None:
+    """Weights of a block's elements (``mask`` where ``t != ignore_index``), or None where all count.
 
-
-def _sigmoid_parts(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""``(p, q, r, bce)`` for finite or infinite logits ``x`` and targets ``t`` in [0, 1]:
-    :math:`p = \sigma(x)`, :math:`q = 1 - p = \sigma(-x)` (each with full relative precision, from
-    :math:`e^{-|x|}`), :math:`r = 1 - p_t = p(1-t) + qt` (a sum of two non-negative terms: no
-    cancellation) and the binary cross-entropy :math:`-(t \log p + (1-t)\log q)`, ``0 · log 0 = 0``."""
-    e = torch.exp(-x.abs())
-    softplus = torch.log1p(e)
-    log_p = torch.clamp(x, max=0) - softplus
-    log_q = -torch.clamp(x, min=0) - softplus
-    inverse = 1 / (1 + e)
-    big, small = inverse, e * inverse  # σ(|x|), σ(-|x|)
-    positive = x >= 0
-    p, q = torch.where(positive, big, small), torch.where(positive, small, big)
-    r = p * (1 - t) + q * t
-    bce = -(torch.where(t != 0, t * log_p, 0.0) + torch.where(t != 1, (1 - t) * log_q, 0.0))
-    return p, q, r, bce
+    On a CPU a block whose targets all lie in [0, 1] holds no ``ignore_index`` outside [0, 1] (one
+    ``aminmax`` tells), so it skips the weights and the selects they need; elsewhere that would be a
+    host read."""
+    if mask is not None:
+        weights = mask.to(dtype)
+        return weights if ignore_index is None else weights * (t != ignore_index)
+    if ignore_index is None:
+        return None
+    if t.device.type == "cpu" and ignore_index not in (0, 1) and t.numel() > 0:
+        low, high = t.aminmax()
+        if low >= 0 and high <= 1:  # NaN fails both
+            return None
+    return (t != ignore_index).to(dtype)
 
 
 def _power(base: Tensor, exponent: float) -> Tensor:
@@ -465,17 +453,61 @@ def _power(base: Tensor, exponent: float) -> Tensor:
     return torch.pow(base, exponent)
 
 
+def _sigmoid_focal_terms(
+    x: Tensor, t: Tensor, alpha: Tensor | None, gamma: float, with_grad: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    r"""``(α_t ℓ, r, ∂(α_t ℓ)/∂x or None)`` per element, for finite or infinite logits ``x`` and targets
+    ``t`` in [0, 1]; see :class:`_SigmoidFocal`.
+
+    Every term is a sum or product of non-negative parts, so nothing cancels: :math:`p = \sigma(x)` and
+    :math:`q = \sigma(-x)` each with full relative precision, :math:`r = p(1-t) + qt`, :math:`p - t =
+    p(1-t) - qt` and
+    :math:`B = \log(1 + e^{-|x|}) + (1-t)\,\mathrm{relu}(x) + t\,\mathrm{relu}(-x)`, with
+    :math:`e^{-|x|} = \min(p, q) / \max(p, q)`. No select (``torch.where``) is used: on a CPU each costs
+    as much as twenty arithmetic ops.
+    """
+    p = torch.sigmoid(x)
+    minus_x = torch.neg(x)
+    q = torch.sigmoid(minus_x)
+    not_t = 1 - t
+    p_not_t, q_t = p * not_t, q * t
+    r = p_not_t + q_t
+    linear = torch.addcmul(torch.relu(x).mul_(not_t), torch.relu_(minus_x), t)
+    # 0 · inf = NaN only at an infinite logit on the right side, where the term is 0; a NaN logit stays
+    # NaN through the log term
+    linear.nan_to_num_(nan=0.0, posinf=math.inf)
+    bce = torch.div(torch.minimum(p, q), torch.maximum(p, q)).log1p_().add_(linear)
+    focal = None if gamma == 0 else _power(r, gamma)
+    loss = bce if focal is None else focal * bce
+    class_weight = None if alpha is None else torch.addcmul(1 - alpha, 2 * alpha - 1, t)  # α t + (1-α)(1-t)
+    if class_weight is not None:
+        loss = loss * class_weight
+    if not with_grad:
+        return loss, r, None
+    grad = p_not_t.sub_(q_t)  # ∂B/∂x = p - t, without rounding p near 1 first
+    if focal is not None:
+        # ∂r/∂x = pq(1 - 2t), so ∂F/∂x = γ r^(γ-1) pq (1 - 2t), with r^(γ-1) pq = F · pq/r: pq ≤ min(p, q)
+        # ≤ r keeps pq/r in [0, 1], and its 0/0 at r = 0 is the limit 0 (every γ ≥ 0, also γ < 1)
+        slope = p.mul_(q)
+        if gamma == 2:
+            slope.mul_(r)
+        elif gamma != 1:
+            slope.mul_(focal).div_(r).nan_to_num_(nan=0.0)
+        grad.mul_(focal).addcmul_(slope.mul_(bce), not_t.sub_(t), value=gamma)
+    return loss, r, grad if class_weight is None else grad.mul_(class_weight)
+
+
 class _SigmoidFocal(torch.autograd.Function):
     r"""Sigmoid focal loss summed over ``x [R, K]`` with targets ``t`` (in [0, 1] where they count),
     optional ``mask`` weights, ``ignore_index`` and :math:`\alpha` (0-dim or ``[K]``), a block of rows
     at a time. Returns ``(Σ w α_t ℓ, Σ w, Σ w p_t, Σ w·correct)``; only the first is differentiable.
 
-    With :math:`p = \sigma(x)`, :math:`q = 1 - p`, :math:`r = 1 - p_t = p(1-t) + qt` (see
-    :func:`_sigmoid_parts`: full relative precision wherever :math:`r` is a normal float; below that,
-    where every term below is under :math:`10^{-38}`, it is 0), :math:`F = r^\gamma` and :math:`B` the
-    binary cross-entropy: :math:`\ell = F B` and :math:`\partial \ell/\partial x = F (p - t) + \gamma B
-    (1 - 2t)\,p q\,r^{\gamma - 1}`, the last product taken as 0 at :math:`r = 0` (its limit for
-    :math:`\gamma > 0`), finite as :math:`r \to 0` for every :math:`\gamma \ge 0`. With ``with_grad`` the
+    With :math:`p = \sigma(x)`, :math:`q = 1 - p`, :math:`r = 1 - p_t = p(1-t) + qt` (full relative
+    precision wherever :math:`r` is a normal float), :math:`F = r^\gamma` and :math:`B` the binary
+    cross-entropy: :math:`\ell = F B` and :math:`\partial \ell/\partial x = F (p - t) + \gamma B (1 - 2t)
+    \,p q\,r^{\gamma - 1}`, the last product taken as 0 at :math:`r = 0` (its limit), finite as
+    :math:`r \to 0` for every :math:`\gamma \ge 0`. Elements with weight 0 get logit and target 0 first,
+    so an infinite or NaN logit there reaches neither the loss nor the gradient. With ``with_grad`` the
     forward writes that gradient into the one ``[R, K]`` tensor it keeps, while each block's terms are in
     cache; the first backward scales it in place and hands it out, a second one recomputes it.
     """
@@ -498,28 +530,30 @@ class _SigmoidFocal(torch.autograd.Function):
         # (backward then only scales it); without, nothing [R, K] is kept
         grad = torch.empty_like(x) if with_grad else None
         for block in row_blocks(*x.shape, x.device):
-            tb = t[block]
-            mb = None if mask is None else mask[block]
-            weights, keep, xb, safe = _sigmoid_block(x[block], tb, mb, ignore_index, dtype)
-            if check_range and not bool((((safe >= 0) & (safe <= 1)) | ~keep).all()):
-                _check_binary_targets(t, mask, ignore_index)  # raises, naming the values seen
-            p, q, r, bce = _sigmoid_parts(xb, safe)
-            loss = _power(r, gamma) * bce if gamma != 0 else bce
-            class_weight = None if alpha is None else alpha * safe + (1 - alpha) * (1 - safe)
-            if class_weight is not None:
-                loss = class_weight * loss
-            if grad is not None:
-                g = _sigmoid_focal_gradient(p, q, r, bce, safe, gamma, class_weight)
-                _write_block(grad, block, torch.where(keep, weights * g, 0.0))
-            correct = (x[block] > 0) == (tb > 0.5)
-            sums += torch.stack(
-                [
-                    torch.where(keep, weights * loss, 0.0).sum(),
-                    weights.sum(),
-                    (weights * (1 - r)).sum(),
-                    torch.where(correct, weights, 0.0).sum(),
-                ]
-            )
+            weights, xb, tb = _sigmoid_block(x, t, mask, block, ignore_index, dtype)
+            if check_range:
+                low, high = tb.aminmax()
+                if not (low >= 0 and high <= 1):  # NaN fails too
+                    _check_binary_targets(t, mask, ignore_index)  # raises, naming the values seen
+            loss, r, g = _sigmoid_focal_terms(xb, tb, alpha, gamma, grad is not None)
+            # 1 where (x > 0) != (t > 0.5), else 0 (float ops: a bool tensor costs ~5x on a CPU)
+            wrong = torch.sign(xb).clamp_(min=0).sub_(torch.sign(tb - 0.5).clamp_(min=0)).square_()
+            if weights is None:
+                count = torch.tensor(float(xb.numel()), dtype=dtype, device=x.device)
+                sums += torch.stack([loss.sum(), count, count - r.sum(), count - wrong.sum()])
+            else:
+                count = weights.sum()
+                w = weights.reshape(-1)
+                sums += torch.stack(
+                    [
+                        torch.dot(w, loss.reshape(-1)),
+                        count,
+                        count - torch.dot(w, r.reshape(-1)),
+                        count - torch.dot(w, wrong.reshape(-1)),
+                    ]
+                )
+            if grad is not None and g is not None:
+                _write_block(grad, block, g if weights is None else g.mul_(weights))
         ctx.save_for_backward(x, t, mask, alpha)
         ctx.options = (ignore_index, gamma, dtype)
         ctx.grad = grad
@@ -540,24 +574,24 @@ class _SigmoidFocal(torch.autograd.Function):
         ignore_index, gamma, dtype = ctx.options
         grad = torch.empty_like(x)
         for block in row_blocks(*x.shape, x.device):
-            mb = None if mask is None else mask[block]
-            weights, keep, xb, safe = _sigmoid_block(x[block], t[block], mb, ignore_index, dtype)
-            p, q, r, bce = _sigmoid_parts(xb, safe)
-            class_weight = None if alpha is None else alpha * safe + (1 - alpha) * (1 - safe)
-            g = _sigmoid_focal_gradient(p, q, r, bce, safe, gamma, class_weight)
-            _write_block(grad, block, torch.where(keep, weights * g, 0.0))
+            weights, xb, tb = _sigmoid_block(x, t, mask, block, ignore_index, dtype)
+            g = _sigmoid_focal_terms(xb, tb, alpha, gamma, True)[2]
+            assert g is not None
+            _write_block(grad, block, g if weights is None else g.mul_(weights))
         return (grad.mul_(grad_sum), *(None,) * 8)
 
 
-def _sigmoid_focal_gradient(
-    p: Tensor, q: Tensor, r: Tensor, bce: Tensor, t: Tensor, gamma: float, class_weight: Tensor | None
-) -> Tensor:
-    r""":math:`\partial \ell/\partial x` of :class:`_SigmoidFocal`'s terms (before masks and weights)."""
-    g = p - t  # d BCE / dx
-    if gamma != 0:
-        slope = torch.where(r > 0, p * q * _power(torch.where(r > 0, r, 1.0), gamma - 1), 0.0)
-        g = _power(r, gamma) * g + gamma * (1 - 2 * t) * slope * bce
-    return g if class_weight is None else class_weight * g
+def _sigmoid_block(
+    x: Tensor, t: Tensor, mask: Tensor | None, block: slice, ignore_index: int | None, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(weights or None, logits, targets)`` of a block in ``dtype``, logit and target 0 where the
+    weight is 0."""
+    xb, tb = x[block].to(dtype), t[block].to(dtype)
+    weights = _block_weights(tb, None if mask is None else mask[block], ignore_index, dtype)
+    if weights is None:
+        return None, xb, tb
+    keep = weights != 0
+    return weights, torch.where(keep, xb, 0.0), torch.where(keep, tb, 0.0)
 
 
 def _focal(

@@ -440,6 +440,61 @@ def test_sigmoid_gradient_from_the_forward_survives_a_second_backward(blocks, mo
         torch.testing.assert_close(focal_loss(logits, target, **options), loss.detach())
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_sigmoid_blocks_with_and_without_ignored_targets_agree_with_the_reference(gamma, monkeypatch):
+    """A CPU block whose targets all lie in [0, 1] skips the ignore_index weights: blocks with and
+    without ignored elements (NaN and inf logits there) must give the reference's loss, gradient and
+    metrics."""
+    monkeypatch.setattr(cross_entropy_module, "BLOCK_ELEMENTS", 40)  # 4 rows of 10 per block
+    g = torch.Generator().manual_seed(7)
+    logits = 3 * torch.randn(16, 10, generator=g, dtype=torch.float64)
+    target = (torch.rand(16, 10, generator=g) < 0.3).double()
+    target[5, 2] = target[6, 7] = -100.0  # only the second block has ignored elements
+    logits[5, 2], logits[6, 7] = float("nan"), float("inf")
+    logits.requires_grad_()
+    metrics_module = FocalLoss(mode="multilabel", gamma=gamma, alpha=0.25)
+    result = metrics_module(logits, target)
+    (grad,) = torch.autograd.grad(result.loss, logits)
+
+    valid = target != -100
+    x = torch.where(valid, logits.detach(), 0.0).requires_grad_()
+    terms = torchvision_sigmoid_focal(x, torch.where(valid, target, 0.0), gamma, 0.25)
+    expected = terms[valid].sum() / valid.sum()
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(result.loss, expected.detach())
+    torch.testing.assert_close(grad, expected_grad)
+    p = torch.sigmoid(logits.detach()[valid])
+    t = target[valid]
+    torch.testing.assert_close(result.metrics["p_t"], (p * t + (1 - p) * (1 - t)).mean())
+    correct = (logits.detach()[valid] > 0) == (t > 0.5)
+    torch.testing.assert_close(result.metrics["accuracy"], correct.double().mean())
+
+
+def test_sigmoid_fp32_keeps_relative_precision_at_confident_logits():
+    """Each element's loss and gradient in fp32 against float64, to 1e-4 relative, from p_t = 1 - 6e-6
+    down to r = 1 - p_t = e^-80 (a normal float): no term is a difference of rounded probabilities. The
+    reference is the formula with r = p(1-t) + (1-p)t taken from sigmoid(±x), never as 1 - p_t (which
+    float64 itself rounds away by x = 30), differentiated by autograd."""
+    x = torch.tensor([12.0, -12.0, 30.0, -30.0, 80.0, -80.0, 3.0, -3.0])
+    t = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.7, 0.2])
+    tiny = torch.finfo(torch.float32).tiny
+    for gamma in (0.5, 2.0):
+        for i in range(len(x)):
+            xi = x[i : i + 1].clone().requires_grad_()
+            loss = focal_loss(xi, t[i : i + 1], mode="binary", gamma=gamma)
+            (grad,) = torch.autograd.grad(loss, xi)
+            x64, t64 = xi.detach().double().requires_grad_(), t[i : i + 1].double()
+            r = torch.sigmoid(x64) * (1 - t64) + torch.sigmoid(-x64) * t64
+            bce = (1 - t64) * F.softplus(x64) + t64 * F.softplus(-x64)
+            expected = (r**gamma * bce).sum()
+            (expected_grad,) = torch.autograd.grad(expected, x64)
+            for ours, reference in ((loss, expected.detach()), (grad, expected_grad)):
+                if reference.abs().item() >= tiny:  # below, no fp32 holds the value
+                    torch.testing.assert_close(ours.double(), reference, rtol=1e-4, atol=0)
+                else:
+                    assert ours.abs().item() < tiny
+
+
 def test_module_scalar_alpha_is_a_constant_factor_in_multiclass():
     logits, target = torch.randn(5, 4), torch.randint(0, 4, (5,))
     plain = FocalLoss(gamma=2.0)(logits, target).loss
