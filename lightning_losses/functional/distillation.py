@@ -12,7 +12,6 @@ from torch.autograd.function import once_differentiable
 
 from lightning_losses.functional.cross_entropy import (
     cross_entropy,
-    finite_or_zero,
     fused_path,
     row_blocks,
     valid_mask,
@@ -114,14 +113,14 @@ class _ForwardKL(torch.autograd.Function):
     divided by :math:`T` and computed in ``dtype``, a block of rows at a time; of ``[R, C]`` size only the
     gradient is made and kept (when ``need_grad``), written in the forward pass while each block is in
     cache, so the backward scales it in place by each row's incoming gradient (a second backward, with
-    ``retain_graph``, recomputes it from the saved log-normalizers).
+    ``retain_graph``, recomputes it).
 
-    With :math:`u = z^t/T`, :math:`s = z^s/T`, :math:`p = \mathrm{softmax}(u)`, :math:`q =
-    \mathrm{softmax}(s)`: :math:`\mathrm{KL}_i = \sum_c p_c (u_c - s_c) - \operatorname{lse}(u) +
-    \operatorname{lse}(s)`. A class with :math:`p_c = 0` contributes 0 (its NaN product ``0 · (-inf)`` is
-    zeroed; a NaN *logit* still makes the row NaN through its logsumexp), one with :math:`p_c > 0 = q_c`
-    makes the row ``+inf``. Gradient: :math:`\partial \mathrm{KL}_i/\partial z^s_c = (q_c - p_c)/T`,
-    finite in both cases, as :func:`_kl_per_row`'s.
+    With :math:`p = \mathrm{softmax}(z^t/T)`, :math:`q = \mathrm{softmax}(z^s/T)` (PyTorch's fused
+    ``softmax`` and ``log_softmax`` kernels): :math:`\mathrm{KL}_i = \sum_c p_c (\log p_c - \log q_c)`.
+    A class with :math:`p_c = 0` contributes 0 (its NaN product ``0 · (-inf)`` is zeroed), one with
+    :math:`p_c > 0 = q_c` makes the row ``+inf``; a row whose ``log_softmax`` is NaN on either side (a NaN
+    logit, or every logit ``-inf``) gets KL NaN and gradient 0. Gradient: :math:`\partial
+    \mathrm{KL}_i/\partial z^s_c = (q_c - p_c)/T`, finite in every case, as :func:`_kl_per_row`'s.
     """
 
     @staticmethod
@@ -130,22 +129,19 @@ class _ForwardKL(torch.autograd.Function):
     ) -> Tensor:
         rows, classes = x.shape
         kl = torch.empty(rows, dtype=dtype, device=x.device)
-        lse_student, lse_teacher = torch.empty_like(kl), torch.empty_like(kl)
         # (q − p) per block while both are in cache; the backward only scales it by each row's grad / T
         grad = torch.empty_like(x) if need_grad else None
         for block in row_blocks(rows, classes, x.device):
-            s = x[block].to(dtype) / temperature
-            u = teacher[block].to(dtype) / temperature
-            lse_s, lse_u = torch.logsumexp(s, dim=-1), torch.logsumexp(u, dim=-1)
-            p = torch.sub(u, finite_or_zero(lse_u)[:, None]).exp_()
-            u.sub_(s)
+            s, u = _scaled(x[block], temperature, dtype), _scaled(teacher[block], temperature, dtype)
+            log_q, log_p = torch.log_softmax(s, dim=-1), torch.log_softmax(u, dim=-1)
+            p = torch.softmax(u, dim=-1)  # the fused kernel: faster than exp(log_p) on a CPU
+            undefined = log_q[:, 0].isnan() | log_p[:, 0].isnan()  # the whole row is NaN then
+            log_ratio = log_p.sub_(log_q)
             if grad is not None:
-                q = s.sub_(finite_or_zero(lse_s)[:, None]).exp_()
-                torch.sub(q, p, out=grad[block])
-            cross = torch.nan_to_num_(p.mul_(u), nan=0.0, posinf=math.inf, neginf=-math.inf)
-            kl[block] = cross.sum(-1) - lse_u + lse_s
-            lse_student[block], lse_teacher[block] = lse_s, lse_u
-        ctx.save_for_backward(x, teacher, finite_or_zero(lse_student), finite_or_zero(lse_teacher))
+                _write_difference(grad, block, torch.softmax(s, dim=-1), p)
+            cross = torch.nan_to_num_(p.mul_(log_ratio), nan=0.0, posinf=math.inf, neginf=-math.inf)
+            kl[block] = torch.where(undefined, math.nan, cross.sum(-1))
+        ctx.save_for_backward(x, teacher)
         ctx.options = (temperature, dtype)
         ctx.grad = grad
         return kl
@@ -153,19 +149,32 @@ class _ForwardKL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, None, None, None, None]:
-        x, teacher, lse_student, lse_teacher = ctx.saved_tensors
         temperature, dtype = ctx.options
         scale = (grad_kl / temperature)[:, None]
         grad, ctx.grad = ctx.grad, None
         if grad is not None:  # the forward's, scaled in place: it is handed out once
             return grad.mul_(scale.to(grad.dtype)), None, None, None, None
         # a second backward through the graph (retain_graph=True): recomputed block by block
+        x, teacher = ctx.saved_tensors
         grad = torch.empty_like(x)
         for block in row_blocks(*x.shape, x.device):
-            q = torch.sub(x[block].to(dtype) / temperature, lse_student[block, None]).exp_()
-            p = torch.sub(teacher[block].to(dtype) / temperature, lse_teacher[block, None]).exp_()
-            grad[block].copy_(q.sub_(p).mul_(scale[block]))
-        return grad, None, None, None, None
+            q = torch.softmax(_scaled(x[block], temperature, dtype), dim=-1)
+            _write_difference(
+                grad, block, q, torch.softmax(_scaled(teacher[block], temperature, dtype), dim=-1)
+            )
+        return grad.mul_(scale.to(grad.dtype)), None, None, None, None
+
+
+def _scaled(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    return logits.to(dtype) / temperature
+
+
+def _write_difference(grad: Tensor, block: slice, q: Tensor, p: Tensor) -> None:
+    """``grad[block] = q - p``, 0 in the rows where either is NaN (see :class:`_ForwardKL`)."""
+    if q.dtype == grad.dtype:
+        torch.sub(q, p, out=grad[block]).nan_to_num_(nan=0.0)
+    else:
+        grad[block] = q.sub_(p).nan_to_num_(nan=0.0)
 
 
 def _check_logits(logits: Tensor, teacher_logits: Tensor, mask: Tensor | None) -> None:

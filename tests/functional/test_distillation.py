@@ -623,6 +623,28 @@ def test_fused_forward_kl_equals_the_unfused_path(dtype, monkeypatch):
         )
 
 
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_fused_forward_kl_keeps_a_nan_logit_visible_in_the_loss(side):
+    """A NaN logit makes its row's KL NaN (the zeroing of 0 · log 0 must not hide it) and the loss NaN;
+    masked out, the row changes nothing, and no gradient is NaN."""
+    g = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(2, 5, 6, generator=g)
+    (student if side == "student" else teacher)[2, 3] = math.nan
+    x = student.clone().requires_grad_()
+    loss = kl_divergence(x, teacher, temperature=2.0)
+    assert loss.isnan()
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
+    x = student.clone().requires_grad_()
+    masked = kl_divergence(x, teacher, mask, temperature=2.0)
+    (grad,) = torch.autograd.grad(masked, x)
+    rows = [0, 1, 3, 4]
+    y = student[rows].clone().requires_grad_()
+    expected = kl_divergence(y, teacher[rows], temperature=2.0)
+    torch.testing.assert_close(masked, expected)
+    torch.testing.assert_close(grad[rows], torch.autograd.grad(expected, y)[0])
+    assert grad[2].abs().sum() == 0
+
+
 def test_fused_forward_kl_gradient_written_in_forward_scales_and_survives_a_second_backward():
     """The gradient is made in the forward pass and only scaled per row in the backward: a second
     backward (retain_graph) of 3·loss gets 3× the first, and both equal the plain path's."""
