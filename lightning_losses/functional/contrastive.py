@@ -54,6 +54,7 @@ __all__ = [
     "supervised_contrastive_loss_with_metrics",
 ]
 
+_NORMALIZE_EPS = 1e-12  # F.normalize's default: rows are divided by max(‖z‖, eps)
 
 # ----------------------------------------------------------------------------------------------------
 # shared pieces
@@ -438,22 +439,28 @@ def contrastive_loss_with_metrics(
 class _WholeInfoNCE(torch.autograd.Function):
     r"""InfoNCE of rows ``z [M, D]`` (``M = 2N``; row :math:`i`'s positive is row :math:`(i + N) \bmod M`)
     from one ``[M, M]`` matrix, the gradient written in the forward pass. Returns ``(loss,
-    positive_logit_sum, hits or None)``; only ``loss`` is differentiable. ``hits [M]`` says whether the
-    positive is the row's argmax (from the largest other logit; argmax itself only for tied rows).
+    positive_logit_sum, hits or None, y)``; only ``loss`` is differentiable. ``hits [M]`` says whether
+    the positive is the row's argmax (from the largest other logit; argmax itself only for tied rows);
+    ``y`` is the rows the similarities are made of: ``F.normalize(z)`` with ``normalize``, else ``z``.
 
-    With :math:`S = z z^\top`, :math:`s = S / \tau` (diagonal :math:`-\infty`) and :math:`p` its row
+    With :math:`S = y y^\top`, :math:`s = S / \tau` (diagonal :math:`-\infty`) and :math:`p` its row
     softmax, :math:`\partial L / \partial S = (p - Y) / (M \tau)` with :math:`Y` the positives' one-hot
-    rows, and since :math:`S` is :math:`z z^\top`, :math:`\partial L / \partial z = (G + G^\top) z /
+    rows, and since :math:`S` is :math:`y y^\top`, :math:`\partial L / \partial y = (G + G^\top) y /
     (M \tau)` with :math:`G = p - Y`: one matrix product where autograd takes two, and the softmax made
-    in place from the forward pass's exponentials.
+    in place from the forward pass's exponentials. Through :math:`y = z / \max(\lVert z \rVert,
+    \epsilon)`: :math:`\partial L/\partial z = (g - y\,(y \cdot g)) / \lVert z \rVert` per row (only
+    :math:`g / \epsilon` where the norm is clamped), a few row operations where autograd's
+    ``F.normalize`` backward takes a dozen.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, z: Tensor, temperature: float, need_hits: bool, need_grad: bool
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        ctx: Any, z: Tensor, temperature: float, normalize: bool, need_hits: bool, need_grad: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         num_rows, num_pairs = len(z), len(z) // 2
-        logits = torch.mm(z, z.T).div_(temperature).fill_diagonal_(float("-inf"))
+        norms = z.norm(dim=1, keepdim=True) if normalize else None
+        y = z / norms.clamp_min(_NORMALIZE_EPS) if norms is not None else z
+        logits = torch.mm(y, y.T).div_(temperature).fill_diagonal_(float("-inf"))
         # s[i, i + N] and s[i + N, i]: the positives of rows 0..N-1 and N..2N-1
         positives = (logits.diagonal(num_pairs), logits.diagonal(-num_pairs))
         positive_logits = torch.cat(positives)
@@ -480,16 +487,20 @@ class _WholeInfoNCE(torch.autograd.Function):
             g = exponentials.div_(row_sums[:, None])  # the softmax p
             for diagonal in (g.diagonal(num_pairs), g.diagonal(-num_pairs)):
                 diagonal.sub_(1.0)
-            grad = torch.mm(torch.add(g, g.T), z).mul_(1.0 / (num_rows * temperature))
+            grad = torch.mm(torch.add(g, g.T), y).mul_(1.0 / (num_rows * temperature))
+            if norms is not None:
+                clamped = norms <= _NORMALIZE_EPS
+                radial = torch.where(clamped, 0.0, (y * grad).sum(1, keepdim=True))
+                grad = grad.sub_(y * radial).div_(norms.clamp_min_(_NORMALIZE_EPS))
         ctx.grad = grad
-        ctx.mark_non_differentiable(positive_logit_sum)
-        return loss, positive_logit_sum, hits
+        ctx.mark_non_differentiable(positive_logit_sum, y)
+        return loss, positive_logit_sum, hits, y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         # not in place: the stored gradient stays valid for another backward (retain_graph=True)
-        return (None if ctx.grad is None else ctx.grad * grad_loss), None, None, None
+        return (None if ctx.grad is None else ctx.grad * grad_loss), None, None, None, None
 
 
 def _similarity_logits(z: Tensor, temperature: float, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -538,19 +549,21 @@ def _info_nce(
         loss = z.sum() * 0.0
         keys = ("accuracy", "mean_positive_similarity", "mean_negative_similarity")
         return loss, (dict.fromkeys(keys, loss.detach()) if with_metrics else {})
-    if normalize:
-        z = F.normalize(z, dim=-1)
-    # Below FUSED_MIN_BYTES the whole matrix fits recycled heap memory: one fused function. Above it
-    # (and on a GPU or under compile), s = z z^T / τ with -inf on the diagonal, in place on the product
-    # (backward needs z, not s), then the cross-entropy of each row against its partner's column, which
-    # on a CPU walks over blocks of rows (no [2N, 2N] log-probs).
+    # Below FUSED_MIN_BYTES the whole matrix fits recycled heap memory: one fused function (the
+    # normalization too). Above it (and on a GPU or under compile), s = z z^T / τ with -inf on the
+    # diagonal, in place on the product (backward needs z, not s), then the cross-entropy of each row
+    # against its partner's column, which on a CPU walks over blocks of rows (no [2N, 2N] log-probs).
     if fused_path() and z.device.type == "cpu" and len(z) ** 2 * z.element_size() < FUSED_MIN_BYTES:
         need_grad = torch.is_grad_enabled() and z.requires_grad
-        loss, positive_logit_sum, hits = _WholeInfoNCE.apply(z, temperature, with_metrics, need_grad)
+        loss, positive_logit_sum, hits, z = _WholeInfoNCE.apply(
+            z, temperature, normalize, with_metrics, need_grad
+        )
         if not with_metrics:
             return loss, {}
         positive_sum = positive_logit_sum * temperature
     else:
+        if normalize:
+            z = F.normalize(z, dim=-1)
         logits = torch.mm(z, z.T).div_(temperature).fill_diagonal_(float("-inf"))
         partner = (torch.arange(2 * num_pairs, device=z.device) + num_pairs) % (2 * num_pairs)  # 1 ↔ 2
         per_anchor, argmax = per_row_cross_entropy(logits, partner, need_argmax=with_metrics)
@@ -595,7 +608,8 @@ def info_nce_loss(
 
     Eager calls on a CPU with a ``[2N, 2N]`` matrix under 32 MiB (float32: ``N`` up to 1448) run one fused
     autograd function: a single product for the gradient where autograd takes two, written in the
-    forward pass (first derivatives only). Larger batches, GPUs and ``torch.compile`` take plain ops.
+    forward pass with the normalization's gradient (first derivatives only). Larger batches, GPUs and
+    ``torch.compile`` take plain ops.
 
     Args:
         embeddings: ``[N, D]`` first view (floating; computed in float32, or float64).

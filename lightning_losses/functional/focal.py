@@ -13,7 +13,7 @@ confident logits give finite values and gradients for every :math:`\gamma \ge 0`
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -459,12 +459,12 @@ def _sigmoid_focal_terms(
     r"""``(α_t ℓ, r, ∂(α_t ℓ)/∂x or None)`` per element, for finite or infinite logits ``x`` and targets
     ``t`` in [0, 1]; see :class:`_SigmoidFocal`.
 
-    Every term is a sum or product of non-negative parts, so nothing cancels: :math:`p = \sigma(x)` and
-    :math:`q = \sigma(-x)` each with full relative precision, :math:`r = p(1-t) + qt`, :math:`p - t =
-    p(1-t) - qt` and
-    :math:`B = \log(1 + e^{-|x|}) + (1-t)\,\mathrm{relu}(x) + t\,\mathrm{relu}(-x)`, with
-    :math:`e^{-|x|} = \min(p, q) / \max(p, q)`. No select (``torch.where``) is used: on a CPU each costs
-    as much as twenty arithmetic ops.
+    Nothing is a difference of rounded probabilities: :math:`p = \sigma(x)` and :math:`q = \sigma(-x)`
+    each have full relative precision, :math:`r = p(1-t) + qt` and :math:`B = \log(1 + e^{-|x|}) +
+    (1-t)\,\mathrm{relu}(x) + t\,\mathrm{relu}(-x)` (with :math:`e^{-|x|} = \min(p, q) / \max(p, q)`)
+    are sums of non-negative parts, and :math:`p - t = p(1-t) - qt` is exactly :math:`-q` at
+    :math:`t = 1`. No select (``torch.where``) is used: on a CPU each costs as much as twenty arithmetic
+    ops.
     """
     p = torch.sigmoid(x)
     minus_x = torch.neg(x)
@@ -575,8 +575,7 @@ class _SigmoidFocal(torch.autograd.Function):
         grad = torch.empty_like(x)
         for block in row_blocks(*x.shape, x.device):
             weights, xb, tb = _sigmoid_block(x, t, mask, block, ignore_index, dtype)
-            g = _sigmoid_focal_terms(xb, tb, alpha, gamma, True)[2]
-            assert g is not None
+            g = cast(Tensor, _sigmoid_focal_terms(xb, tb, alpha, gamma, True)[2])
             _write_block(grad, block, g if weights is None else g.mul_(weights))
         return (grad.mul_(grad_sum), *(None,) * 8)
 

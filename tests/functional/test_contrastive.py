@@ -382,10 +382,15 @@ def test_info_nce_accuracy_breaks_ties_as_argmax_does():
 
 def test_info_nce_whole_matrix_function_equals_plain_ops(monkeypatch):
     """The fused function (eager CPU batches below ``FUSED_MIN_BYTES``) against the plain ops in
-    float64: loss, metrics and gradients of both views, for normalized and raw rows."""
+    float64: loss, metrics and gradients of both views, for normalized and raw rows; its own gradient
+    through the normalization also where ``F.normalize`` clamps the norm (a zero row, a row of norm
+    below 1e-12) and for a long row. Plus fp64 gradcheck of the fused function."""
     g = torch.Generator().manual_seed(11)
     a = torch.randn(9, 5, generator=g, dtype=torch.float64)
     b = a + 0.5 * torch.randn(9, 5, generator=g, dtype=torch.float64)
+    a[3], a[5], b[7] = 0.0, 1e-13 * a[5], 1e3 * b[7]
+    smooth = a[:3].clone().requires_grad_(), b[:3].clone().requires_grad_()  # no clamped norm: no kink
+    assert torch.autograd.gradcheck(lambda x, y: info_nce_loss(x, y, temperature=0.3), smooth)
 
     def run(normalize):
         leaves = a.clone().requires_grad_(), b.clone().requires_grad_()
