@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_losses.functional.cross_entropy import finite_or_zero, fused_path, row_blocks, valid_mask
+from lightning_losses.functional.cross_entropy import fused_path, row_blocks, valid_mask
 from lightning_losses.protocol import (
     check_class_targets,
     check_floating,
@@ -358,14 +358,19 @@ class _SoftmaxFocal(torch.autograd.Function):
     r"""Multiclass focal terms of ``x [R, C]`` (any floating dtype, computed in ``dtype``) against
     in-range ``target [R]``; rows with ``keep`` False get 0 and a zero gradient.
 
-    Returns ``(focal [R], log_p_t [R], argmax [R] or empty)``; only ``focal`` is differentiable. The
-    values are :func:`_softmax_terms`'s, with the same exact :math:`\log(1-p_t)` (a logsumexp over the
-    other classes), computed a block of rows at a time. With :math:`r = 1 - p_t`, :math:`F = r^\gamma`
-    and :math:`\ell = -F \log p_t`, the gradient is
+    Returns ``(focal [R], log_p_t [R], hits [R] or empty)``; only ``focal`` is differentiable; ``hits``
+    says whether the target is the row's ``argmax``. Each block of rows takes PyTorch's fused softmax
+    kernel: :math:`r = 1 - p_t` is the sum of the other classes' probabilities (no cancellation where
+    :math:`p_t` rounds to 1), :math:`\log p_t = \log(1 - r)` where :math:`r < 1/2`, else :math:`x_t -
+    \max_c x_c + \log \max_c p_c` (the row's log-softmax, exact where :math:`p_t` underflows). With
+    :math:`F = r^\gamma` and :math:`\ell = -F \log p_t`, the gradient is
     :math:`\partial\ell/\partial x_c = F\,(1 - \gamma\,p_t \log p_t / r)\,(p_c - [c = t])`, whose target
-    entry is written as :math:`-(\ldots)\,r` (exact where :math:`p_t` rounds to 1), with
-    :math:`p_t\log p_t/r \to -1` at :math:`r = 0` and :math:`\to 0` at :math:`p_t = 0`: finite for every
-    :math:`\gamma \ge 0`.
+    entry is written as :math:`-(\ldots)\,r`, with :math:`p_t\log p_t/r \to -1` at :math:`r = 0` and
+    :math:`\to 0` at :math:`p_t = 0`: finite for every :math:`\gamma \ge 0`. The probabilities (target
+    entry zeroed) are kept from the forward pass in the one ``[R, C]`` tensor the gradient becomes; the
+    first backward scales each row in place, a second one recomputes them. On a CPU ``hits`` compares
+    :math:`x_t` with the largest other logit (``amax``: a fraction of an ``argmax``'s cost), ``argmax``
+    deciding only tied rows.
     """
 
     @staticmethod
@@ -376,52 +381,85 @@ class _SoftmaxFocal(torch.autograd.Function):
         keep: Tensor,
         gamma: float,
         dtype: torch.dtype,
-        need_argmax: bool,
+        need_hits: bool,
+        need_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        rows, classes = x.shape
+        rows = len(x)
+        on_cpu = x.device.type == "cpu"
         index = target[:, None]
-        x_t = x.gather(-1, index).squeeze(-1).to(dtype)
-        log_rest_mass = torch.empty(rows, dtype=dtype, device=x.device)
-        argmax = torch.empty(rows if need_argmax else 0, dtype=torch.long, device=x.device)
-        for block in row_blocks(rows, classes, x.device):
-            others = x[block].to(dtype, copy=True)
-            if need_argmax:
-                argmax[block] = others.argmax(-1)
-            log_rest_mass[block] = torch.logsumexp(others.scatter_(-1, index[block], _NEG_INF), dim=-1)
-        shift = finite_or_zero(torch.logaddexp(x_t, log_rest_mass))  # the rows' logsumexp
-        x_t = torch.where(keep, x_t, 0.0)  # stand-ins where the row does not count
-        log_rest_mass = torch.where(keep, log_rest_mass, 0.0)
-        log_normalizer = torch.logaddexp(x_t, log_rest_mass)
-        log_rest = log_rest_mass - log_normalizer
-        log_p_t = _log1mexp(log_rest, x_t - log_normalizer)
-        factor = torch.exp(gamma * log_rest) if gamma != 0 else torch.ones_like(log_rest)
+        x_t = torch.where(keep, x.gather(-1, index).squeeze(-1).to(dtype), 0.0)
+        rest, p_t, log_p_t = (torch.empty(rows, dtype=dtype, device=x.device) for _ in range(3))
+        hits = torch.empty(rows if need_hits else 0, dtype=torch.bool, device=x.device)
+        dropped = (~keep).nonzero().squeeze(1) if on_cpu else None  # a host read only on a CPU
+        grad = torch.empty_like(x) if need_grad else None
+        for block in row_blocks(*x.shape, x.device):
+            xb = _kept_rows(x[block], keep[block], None if dropped is None else dropped, block, dtype)
+            ib = index[block]
+            others_max = xb.scatter(-1, ib, _NEG_INF).amax(-1)
+            p = torch.softmax(xb, dim=-1)
+            pb_t = p.gather(-1, ib).squeeze(-1)
+            p.scatter_(-1, ib, 0.0)
+            rb = p.sum(-1)
+            log_softmax_t = x_t[block] - torch.maximum(x_t[block], others_max)
+            log_softmax_t += torch.maximum(pb_t, p.amax(-1)).log()
+            log_p_t[block] = torch.where(rb < 0.5, torch.log1p(-rb), log_softmax_t)
+            rest[block], p_t[block] = rb, pb_t
+            if need_hits:
+                hits[block] = _target_is_argmax(xb, target[block], x_t[block], others_max, on_cpu)
+            if grad is not None:
+                _write_block(grad, block, p)
+        factor = _power(rest, gamma) if gamma != 0 else torch.ones_like(rest)
         focal = torch.where(keep, -factor * log_p_t, 0.0)
-        rest, p_t = log_rest.exp(), log_p_t.exp()
         ratio = torch.where(rest > 0, log_p_t / torch.where(rest > 0, rest, 1.0), -1.0)
         p_log_p_over_r = torch.where(p_t > 0, p_t * ratio, 0.0)
         coefficient = torch.where(keep, factor * (1 - gamma * p_log_p_over_r), 0.0)
-        ctx.save_for_backward(x, target, shift, coefficient, rest)
+        ctx.save_for_backward(x, target, keep, coefficient, rest)
         ctx.dtype = dtype
-        ctx.mark_non_differentiable(log_p_t, argmax)
-        return focal, log_p_t, argmax
+        ctx.grad = grad
+        ctx.mark_non_differentiable(log_p_t, hits)
+        return focal, log_p_t, hits
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_focal: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
-        x, target, shift, coefficient, rest = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return (None,) * 7
+        x, target, keep, coefficient, rest = ctx.saved_tensors
         scale = grad_focal * coefficient
-        grad = torch.empty_like(x)
-        for block in row_blocks(*x.shape, x.device):
-            xb = x[block]
-            if xb.dtype == ctx.dtype:
-                values = torch.sub(xb, shift[block, None], out=grad[block])
-            else:
-                values = xb.to(ctx.dtype) - shift[block, None]
-            _write_block(grad, block, values.exp_().mul_(scale[block, None]))
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # a second backward through the graph (retain_graph=True), or no grad mode
+            grad = torch.empty_like(x)
+            dropped = (~keep).nonzero().squeeze(1) if x.device.type == "cpu" else None
+            for block in row_blocks(*x.shape, x.device):
+                xb = _kept_rows(x[block], keep[block], dropped, block, ctx.dtype)
+                p = torch.softmax(xb, dim=-1).scatter_(-1, target[block, None], 0.0)
+                _write_block(grad, block, p)
+        grad.mul_(scale[:, None].to(grad.dtype))
         grad.scatter_(-1, target[:, None], (-scale * rest)[:, None].to(grad.dtype))
-        return grad, None, None, None, None, None
+        return (grad, *(None,) * 6)
+
+
+def _kept_rows(xb: Tensor, keep: Tensor, dropped: Tensor | None, block: slice, dtype: torch.dtype) -> Tensor:
+    """A block of logits in ``dtype`` with the rows that do not count set to 0 (no inf or NaN reaches
+    their zero gradient). ``dropped``: the indices of those rows in the whole batch (CPU), or None
+    (elsewhere: a select, no host read)."""
+    xb = xb.to(dtype)
+    if dropped is None:
+        return torch.where(keep[:, None], xb, 0.0)
+    local = dropped[(dropped >= block.start) & (dropped < block.stop)] - block.start
+    return xb if len(local) == 0 else xb.index_fill(0, local, 0.0)
+
+
+def _target_is_argmax(xb: Tensor, target: Tensor, x_t: Tensor, others_max: Tensor, on_cpu: bool) -> Tensor:
+    """Whether ``argmax(xb) == target`` per row. On a CPU from the largest other logit, ``argmax`` only
+    for the tied rows (its first index wins a tie); elsewhere ``argmax`` itself (no host read)."""
+    if not on_cpu:
+        return xb.argmax(-1) == target
+    hits = x_t > others_max
+    tied = (x_t == others_max).nonzero().squeeze(1)
+    if len(tied):
+        hits[tied] = xb[tied].argmax(-1) == target[tied]
+    return hits
 
 
 def _block_weights(
@@ -626,9 +664,9 @@ def _focal(
         keep = valid != 0
         safe_target = torch.where(keep, target, torch.zeros_like(target))
         classes = logits.shape[-1]
-        focal, log_p_t, argmax = _SoftmaxFocal.apply(
+        focal, log_p_t, hits = _SoftmaxFocal.apply(
             logits.reshape(-1, classes), safe_target.reshape(-1), keep.reshape(-1), float(gamma), dtype,
-            with_metrics,
+            with_metrics, logits.requires_grad and torch.is_grad_enabled(),
         )  # fmt: skip
         focal = focal.reshape(target.shape)
         if alpha_value is not None:
@@ -637,7 +675,7 @@ def _focal(
         if not with_metrics:
             return loss, {}
         with torch.no_grad():
-            correct = argmax.reshape(target.shape) == target
+            correct = hits.reshape(target.shape)
             return loss, {
                 "p_t": masked_mean(log_p_t.reshape(target.shape).exp(), valid),
                 "accuracy": masked_mean(correct.to(dtype), valid),

@@ -390,10 +390,11 @@ class _FullSizeTensors(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_multiclass_keeps_no_tensor_of_the_logits_size(dtype, monkeypatch):
-    """[B, T, V] logits, blocks of 2 rows: the forward makes no tensor of the logits' size (no one-hot, no
-    copy, not even the fp32 upcast of bf16), backward keeps nothing of that size but the logits, and the
-    result equals the unfused terms of `focal_elements` (a single block)."""
+def test_multiclass_forward_makes_only_the_gradient_of_the_logits_size(dtype, monkeypatch):
+    """[B, T, V] logits, blocks of 2 rows: the forward makes one tensor of the logits' size, the gradient
+    in the logits' dtype (no one-hot, no copy, not even the fp32 upcast of bf16), and none without
+    grad mode; autograd saves nothing of that size but the logits, and the result equals the unfused
+    terms of `focal_elements` (a single block)."""
     monkeypatch.setattr(cross_entropy_module, "BLOCK_ELEMENTS", 128)
     logits = torch.randn(2, 8, 64).to(dtype).requires_grad_()
     target = torch.randint(0, 64, (2, 8))
@@ -409,8 +410,13 @@ def test_multiclass_keeps_no_tensor_of_the_logits_size(dtype, monkeypatch):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), recorder:
         loss = focal_loss(logits, target, gamma=2.0)
     own = logits.untyped_storage().data_ptr()
-    assert [output for output in recorder.outputs if output[2] != own] == []
+    made = [output[:2] for output in recorder.outputs if output[2] != own]
+    assert made == [("aten.empty_like.default", dtype)]
     assert saved == {own}
+    recorder = _FullSizeTensors(logits.numel())
+    with torch.no_grad(), recorder:
+        focal_loss(logits, target, gamma=2.0)
+    assert [output for output in recorder.outputs if output[2] != own] == []
     terms = focal_elements(logits, target, gamma=2.0)
     expected = terms.loss.sum() / terms.valid.sum()
     torch.testing.assert_close(loss, expected)
@@ -438,6 +444,41 @@ def test_sigmoid_gradient_from_the_forward_survives_a_second_backward(blocks, mo
     torch.testing.assert_close(once, expected)
     with torch.no_grad():
         torch.testing.assert_close(focal_loss(logits, target, **options), loss.detach())
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_multiclass_blocks_agree_with_the_reference_also_for_a_second_backward(gamma, monkeypatch):
+    """Blocks of 3 rows, an ignored row holding NaN and inf logits, tied top logits: loss, metrics
+    (accuracy as ``argmax``, first index on ties) and gradient equal the brute-force reference; the
+    gradient the forward made is scaled once, and a second backward (``retain_graph``) recomputes it."""
+    monkeypatch.setattr(cross_entropy_module, "BLOCK_ELEMENTS", 15)  # 3 rows of 5 per block
+    g = torch.Generator().manual_seed(9)
+    logits = 2 * torch.randn(10, 5, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 5, (10,), generator=g)
+    target[4] = -100
+    logits[4, 1], logits[4, 3] = math.nan, math.inf
+    logits[6, 2] = logits[6, 4] = logits[6].max() + 1.0  # tied: argmax picks class 2
+    target[6], target[7] = 4, 2
+    logits[7, 2] = logits[7, 0] = logits[7].max() + 1.0  # tied: argmax picks class 0, not the target
+    x = logits.clone().requires_grad_()
+    result = FocalLoss(gamma=gamma)(x, target)
+    (once,) = torch.autograd.grad(3 * result.loss, x, retain_graph=True)
+    (twice,) = torch.autograd.grad(3 * result.loss, x)
+    torch.testing.assert_close(once, twice, rtol=0, atol=0)
+
+    valid = target != -100
+    expected = brute_force_multiclass_focal(logits, target, torch.ones(10), gamma=gamma)
+    torch.testing.assert_close(result.loss, expected)
+    y = logits[valid].clone().requires_grad_()
+    reference = -((1 - F.softmax(y, -1)[torch.arange(9), target[valid]]) ** gamma)
+    reference = (reference * F.log_softmax(y, -1)[torch.arange(9), target[valid]]).mean()
+    expected_grad = torch.zeros_like(logits)
+    expected_grad[valid] = torch.autograd.grad(3 * reference, y)[0]
+    torch.testing.assert_close(once, expected_grad)
+    correct = logits[valid].argmax(-1) == target[valid]
+    torch.testing.assert_close(result.metrics["accuracy"], correct.double().mean())
+    p_t = F.softmax(logits[valid], -1)[torch.arange(9), target[valid]]
+    torch.testing.assert_close(result.metrics["p_t"], p_t.mean())
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
