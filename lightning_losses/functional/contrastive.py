@@ -566,11 +566,10 @@ def _info_nce(
             z = F.normalize(z, dim=-1)
         logits = torch.mm(z, z.T).div_(temperature).fill_diagonal_(float("-inf"))
         partner = (torch.arange(2 * num_pairs, device=z.device) + num_pairs) % (2 * num_pairs)  # 1 ↔ 2
-        per_anchor, argmax = per_row_cross_entropy(logits, partner, need_argmax=with_metrics)
+        per_anchor, hits = per_row_cross_entropy(logits, partner, need_hits=with_metrics)
         loss = divide_by_count(per_anchor.sum(), 2 * num_pairs)
         if not with_metrics:
             return loss, {}
-        hits = argmax == partner
         with torch.no_grad():
             positive_sum = (z[:num_pairs] * z[num_pairs:]).sum() * 2
     with torch.no_grad():

@@ -37,6 +37,7 @@ __all__ = [
     "fused_path",
     "per_row_cross_entropy",
     "row_blocks",
+    "target_is_argmax",
     "valid_mask",
 ]
 
@@ -99,10 +100,10 @@ class _CrossEntropy(torch.autograd.Function):
     class weights ``w`` (ones if None) and smoothing :math:`\varepsilon`:
     :math:`\ell_i = (1-\varepsilon) w_{y_i} (L_i - x_{i y_i}) + \tfrac{\varepsilon}{C}(L_i \sum_c w_c -
     \sum_c w_c x_{ic})` with :math:`L_i = \operatorname{logsumexp}_c x_{ic}`, which is
-    ``F.cross_entropy(reduction="none")``. Returns ``(loss [R], argmax [R])`` (``argmax`` empty unless
-    asked for; not differentiable). Gradient: :math:`\partial \ell_i / \partial x_{ic} = a_i p_{ic} -
-    (1-\varepsilon) w_{y_i} [c = y_i] - \tfrac{\varepsilon}{C} w_c` with :math:`a_i = (1-\varepsilon)
-    w_{y_i} + \tfrac{\varepsilon}{C}\sum_c w_c`.
+    ``F.cross_entropy(reduction="none")``. Returns ``(loss [R], hits [R])``: ``hits`` whether the target
+    is the row's ``argmax``, empty unless asked for; not differentiable. Gradient: :math:`\partial \ell_i
+    / \partial x_{ic} = a_i p_{ic} - (1-\varepsilon) w_{y_i} [c = y_i] - \tfrac{\varepsilon}{C} w_c` with
+    :math:`a_i = (1-\varepsilon) w_{y_i} + \tfrac{\varepsilon}{C}\sum_c w_c`.
     """
 
     @staticmethod
@@ -112,29 +113,31 @@ class _CrossEntropy(torch.autograd.Function):
         target: Tensor,
         weight: Tensor | None,
         smoothing: float,
-        need_argmax: bool,
+        need_hits: bool,
     ) -> tuple[Tensor, Tensor]:
         rows, classes = x.shape
         # per row: -log p_y and, with smoothing, -Σ_c w_c log p_c, from each block's log-softmax (PyTorch's
         # fused kernel, on a block that stays in cache; faster than a logsumexp)
         nll = torch.empty(rows, dtype=x.dtype, device=x.device)
         smooth = torch.empty_like(nll) if smoothing > 0 else None
-        argmax = torch.empty(rows if need_argmax else 0, dtype=torch.long, device=x.device)
+        hits = torch.empty(rows if need_hits else 0, dtype=torch.bool, device=x.device)
         for block in row_blocks(rows, classes, x.device):
-            xb = x[block]
+            xb, index = x[block], target[block, None]
             log_p = torch.log_softmax(xb, dim=-1)
-            nll[block] = log_p.gather(-1, target[block, None]).squeeze(-1).neg_()
+            log_p_t = log_p.gather(-1, index).squeeze(-1)
+            nll[block] = -log_p_t
             if smooth is not None:
                 smooth[block] = (log_p.sum(-1) if weight is None else log_p @ weight).neg_()
-            if need_argmax:
-                argmax[block] = xb.argmax(-1)
+            if need_hits:  # log_softmax keeps the logits' order (ties aside): the largest other decides
+                others_max = log_p.scatter_(-1, index, float("-inf")).amax(-1)
+                hits[block] = target_is_argmax(xb, target[block], log_p_t, others_max)
         loss = nll if weight is None else weight[target] * nll
         if smooth is not None:
             loss = (1 - smoothing) * loss + (smoothing / classes) * smooth
         ctx.save_for_backward(x, target, weight)
         ctx.smoothing = smoothing
-        ctx.mark_non_differentiable(argmax)
-        return loss, argmax
+        ctx.mark_non_differentiable(hits)
+        return loss, hits
 
     @staticmethod
     @once_differentiable
@@ -161,23 +164,37 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 def per_row_cross_entropy(
-    logits: Tensor, target: Tensor, need_argmax: bool = False
+    logits: Tensor, target: Tensor, need_hits: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """``(F.cross_entropy(logits, target, reduction="none"), logits.argmax(-1) or None)`` for ``[R, C]``
-    logits and in-range ``target [R]``: by the fused function for CPU logits of :data:`FUSED_MIN_BYTES`
-    or more in eager mode, else by plain ops (under compile, on a GPU, or small enough that a fresh
-    ``[R, C]`` tensor costs no page faults and the plain kernels win).
+    """``(F.cross_entropy(logits, target, reduction="none"), logits.argmax(-1) == target or None)`` for
+    ``[R, C]`` logits and in-range ``target [R]``: by the fused function for CPU logits of
+    :data:`FUSED_MIN_BYTES` or more in eager mode, else by plain ops (under compile, on a GPU, or small
+    enough that a fresh ``[R, C]`` tensor costs no page faults and the plain kernels win).
 
     >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
-    >>> per_row_cross_entropy(logits, torch.tensor([0, 0]), need_argmax=True)
-    (tensor([0.1269, 2.1269]), tensor([0, 1]))
+    >>> per_row_cross_entropy(logits, torch.tensor([0, 0]), need_hits=True)
+    (tensor([0.1269, 2.1269]), tensor([ True, False]))
     """
     fused = logits.device.type == "cpu" and logits.numel() * logits.element_size() >= FUSED_MIN_BYTES
     if not (fused and fused_path()):
-        argmax = logits.detach().argmax(-1) if need_argmax else None
-        return F.cross_entropy(logits, target, reduction="none"), argmax
-    loss, argmax = _CrossEntropy.apply(logits, target, None, 0.0, need_argmax)
-    return loss, argmax if need_argmax else None
+        hits = logits.detach().argmax(-1) == target if need_hits else None
+        return F.cross_entropy(logits, target, reduction="none"), hits
+    loss, hits = _CrossEntropy.apply(logits, target, None, 0.0, need_hits)
+    return loss, hits if need_hits else None
+
+
+def target_is_argmax(x: Tensor, target: Tensor, x_t: Tensor, others_max: Tensor) -> Tensor:
+    """Whether ``argmax(x) == target`` per row of ``x [R, C]``, given each row's target value ``x_t`` and
+    largest other value ``others_max`` (or those of an order-keeping map of ``x``, such as its
+    log-softmax). On a CPU an ``amax`` costs a fraction of an ``argmax``, which decides only the tied
+    rows (its first index wins); elsewhere ``argmax`` itself (no host read)."""
+    if x.device.type != "cpu":
+        return x.argmax(-1) == target
+    hits = x_t > others_max
+    tied = (x_t == others_max).nonzero().squeeze(1)
+    if len(tied):
+        hits[tied] = x[tied].argmax(-1) == target[tied]
+    return hits
 
 
 def _check(
@@ -213,9 +230,10 @@ def _cross_entropy(
     ignore_index: int,
     label_smoothing: float,
     weight: Tensor | None,
-    need_argmax: bool,
+    need_hits: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(loss, valid, argmax)``; ``argmax`` of the logits (shape of ``target``) only if asked for."""
+    """``(loss, valid, hits)``; ``hits``: whether each valid element's target is its logits' ``argmax``
+    (shape of ``target``), only if asked for."""
     _check(logits, target, mask, ignore_index, label_smoothing, weight)
     num_classes = logits.shape[-1]
     dtype = compute_dtype(logits)
@@ -224,25 +242,25 @@ def _cross_entropy(
     safe_target = torch.where(keep, target, 0).reshape(-1)
     flat_logits = logits.reshape(-1, num_classes).to(dtype)
     class_weight = None if weight is None else weight.to(device=logits.device, dtype=dtype)
-    argmax = None
+    hits = None
     fused = flat_logits.device.type == "cpu" and flat_logits.numel() >= FUSED_MIN_ELEMENTS
     if not (fused and fused_path()):
         per_element = F.cross_entropy(
             flat_logits, safe_target, weight=class_weight, reduction="none", label_smoothing=label_smoothing
         )
-        if need_argmax:
-            argmax = flat_logits.detach().argmax(-1)
+        if need_hits:
+            hits = flat_logits.detach().argmax(-1) == safe_target
     else:
-        per_element, argmax = _CrossEntropy.apply(
-            flat_logits, safe_target, class_weight, float(label_smoothing), need_argmax
+        per_element, hits = _CrossEntropy.apply(
+            flat_logits, safe_target, class_weight, float(label_smoothing), need_hits
         )
     per_element = per_element.reshape(target.shape)
     total = torch.where(keep, per_element * valid, 0.0).sum()
-    argmax = argmax.reshape(target.shape) if need_argmax else None
+    hits = hits.reshape(target.shape) if need_hits else None
     if global_valid_toks is not None:
-        return divide_by_count(total, global_valid_toks), valid, argmax
+        return divide_by_count(total, global_valid_toks), valid, hits
     target_weight = valid if class_weight is None else valid * class_weight[safe_target].reshape(target.shape)
-    return divide_by_count(total, target_weight.sum()), valid, argmax
+    return divide_by_count(total, target_weight.sum()), valid, hits
 
 
 def cross_entropy(
@@ -287,7 +305,7 @@ def cross_entropy(
     tensor(0.1269)
     """
     return _cross_entropy(
-        logits, target, mask, global_valid_toks, ignore_index, label_smoothing, weight, need_argmax=False
+        logits, target, mask, global_valid_toks, ignore_index, label_smoothing, weight, need_hits=False
     )[0]
 
 
@@ -310,11 +328,11 @@ def cross_entropy_with_metrics(
     >>> loss, metrics["accuracy"]
     (tensor(1.1269), tensor(0.5000))
     """
-    loss, valid, argmax = _cross_entropy(
-        logits, target, mask, global_valid_toks, ignore_index, label_smoothing, weight, need_argmax=True
+    loss, valid, hits = _cross_entropy(
+        logits, target, mask, global_valid_toks, ignore_index, label_smoothing, weight, need_hits=True
     )
-    assert argmax is not None
+    assert hits is not None
     with torch.no_grad():
-        correct = torch.where(argmax == target, valid, torch.zeros_like(valid))
+        correct = torch.where(hits, valid, torch.zeros_like(valid))
         accuracy = divide_by_count(correct.sum(), valid.sum())
     return loss, {"accuracy": accuracy}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_losses.functional.cross_entropy import fused_path, row_blocks, valid_mask
+from lightning_losses.functional.cross_entropy import fused_path, row_blocks, target_is_argmax, valid_mask
 from lightning_losses.protocol import (
     check_class_targets,
     check_floating,
@@ -405,7 +405,7 @@ class _SoftmaxFocal(torch.autograd.Function):
             log_p_t[block] = torch.where(rb < 0.5, torch.log1p(-rb), log_softmax_t)
             rest[block], p_t[block] = rb, pb_t
             if need_hits:
-                hits[block] = _target_is_argmax(xb, target[block], x_t[block], others_max, on_cpu)
+                hits[block] = target_is_argmax(xb, target[block], x_t[block], others_max)
             if grad is not None:
                 _write_block(grad, block, p)
         factor = _power(rest, gamma) if gamma != 0 else torch.ones_like(rest)
@@ -448,18 +448,6 @@ def _kept_rows(xb: Tensor, keep: Tensor, dropped: Tensor | None, block: slice, d
         return torch.where(keep[:, None], xb, 0.0)
     local = dropped[(dropped >= block.start) & (dropped < block.stop)] - block.start
     return xb if len(local) == 0 else xb.index_fill(0, local, 0.0)
-
-
-def _target_is_argmax(xb: Tensor, target: Tensor, x_t: Tensor, others_max: Tensor, on_cpu: bool) -> Tensor:
-    """Whether ``argmax(xb) == target`` per row. On a CPU from the largest other logit, ``argmax`` only
-    for the tied rows (its first index wins a tie); elsewhere ``argmax`` itself (no host read)."""
-    if not on_cpu:
-        return xb.argmax(-1) == target
-    hits = x_t > others_max
-    tied = (x_t == others_max).nonzero().squeeze(1)
-    if len(tied):
-        hits[tied] = xb[tied].argmax(-1) == target[tied]
-    return hits
 
 
 def _block_weights(

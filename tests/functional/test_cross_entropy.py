@@ -101,6 +101,27 @@ def test_masked_targets_may_be_out_of_range():
     torch.testing.assert_close(loss, F.cross_entropy(logits[:1], torch.tensor([1])))
 
 
+def test_accuracy_is_argmax_with_its_first_index_winning_ties():
+    """The fused path finds hits from the largest other logit and asks argmax only about tied rows:
+    both paths must give argmax's accuracy, also for ties, a masked row and an ignored one."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(12, 6, generator=g)
+    target = torch.randint(0, 6, (12,), generator=g)
+    logits[3, 1] = logits[3, 4] = logits[3].max() + 1.0  # tie: argmax is 1
+    target[3] = 1
+    logits[5, 0] = logits[5, 2] = logits[5].max() + 1.0  # tie: argmax is 0, not the target
+    target[5] = 2
+    logits[7] = 0.0  # every class tied: argmax is 0
+    target[7] = 0
+    target[9] = -100
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[10] = False
+    metrics = CrossEntropyLoss()(logits, target, mask).metrics
+    counted = mask & (target != -100)
+    expected = (logits.argmax(-1) == target)[counted].float().mean()
+    torch.testing.assert_close(metrics["accuracy"], expected)
+
+
 def test_confident_logits_stay_finite():
     logits = torch.tensor([[1e4, -1e4], [-1e4, 1e4]], requires_grad=True)
     loss = cross_entropy(logits, torch.tensor([1, 1]))
