@@ -393,7 +393,7 @@ class _SoftmaxFocal(torch.autograd.Function):
         dropped = (~keep).nonzero().squeeze(1) if on_cpu else None  # a host read only on a CPU
         grad = torch.empty_like(x) if need_grad else None
         for block in row_blocks(*x.shape, x.device):
-            xb = _kept_rows(x[block], keep[block], None if dropped is None else dropped, block, dtype)
+            xb = _kept_rows(x[block], keep[block], dropped, block, dtype)
             ib = index[block]
             others_max = xb.scatter(-1, ib, _NEG_INF).amax(-1)
             p = torch.softmax(xb, dim=-1)
