@@ -145,7 +145,7 @@ def _logit_cases(loss: str, sizes: Sequence[tuple[int, int]], device: str) -> li
                     "F.cross_entropy",
                     lambda x: F.cross_entropy(x["logits"], x["target"]),
                     True,
-                    note="ours: fused (one [N, C] tensor: the gradient); range check (CPU), argmax accuracy",
+                    note="ours: fused (one [N, C] tensor: the gradient); range check (CPU), accuracy by amax",
                 )
             ]
         elif loss == "focal_multiclass":
@@ -157,7 +157,7 @@ def _logit_cases(loss: str, sizes: Sequence[tuple[int, int]], device: str) -> li
                     "softmax focal (plain torch)",
                     lambda x: ref.softmax_focal(x["logits"], x["target"]),
                     True,
-                    note="ours: fused, exact log(1-p_t) per block of rows; one [N, C] tensor (the gradient)",
+                    note="ours: one softmax per block, exact 1-p_t; one [N, C] tensor (the gradient)",
                 )
             ]
         elif loss == "focal_sigmoid":
