@@ -183,13 +183,16 @@ def per_row_cross_entropy(
     return loss, hits if need_hits else None
 
 
-def target_is_argmax(x: Tensor, target: Tensor, x_t: Tensor, others_max: Tensor) -> Tensor:
+def target_is_argmax(x: Tensor, target: Tensor, x_t: Tensor, others_max: Tensor | None = None) -> Tensor:
     """Whether ``argmax(x) == target`` per row of ``x [R, C]``, given each row's target value ``x_t`` and
     largest other value ``others_max`` (or those of an order-keeping map of ``x``, such as its
-    log-softmax). On a CPU an ``amax`` costs a fraction of an ``argmax``, which decides only the tied
-    rows (its first index wins); elsewhere ``argmax`` itself (no host read)."""
+    log-softmax; found from ``x`` if None). On a CPU an ``amax`` costs a fraction of an ``argmax``,
+    which decides only the tied rows (its first index wins); elsewhere ``argmax`` itself (no host read,
+    no copy of ``x``)."""
     if x.device.type != "cpu":
         return x.argmax(-1) == target
+    if others_max is None:
+        others_max = x.scatter(-1, target[:, None], float("-inf")).amax(-1)
     hits = x_t > others_max
     tied = (x_t == others_max).nonzero().squeeze(1)
     if len(tied):

@@ -385,27 +385,27 @@ class _SoftmaxFocal(torch.autograd.Function):
         need_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         rows = len(x)
-        on_cpu = x.device.type == "cpu"
         index = target[:, None]
-        x_t = torch.where(keep, x.gather(-1, index).squeeze(-1).to(dtype), 0.0)
+        x_t = x.gather(-1, index).squeeze(-1).to(dtype)
         rest, p_t, log_p_t = (torch.empty(rows, dtype=dtype, device=x.device) for _ in range(3))
         hits = torch.empty(rows if need_hits else 0, dtype=torch.bool, device=x.device)
-        dropped = (~keep).nonzero().squeeze(1) if on_cpu else None  # a host read only on a CPU
+        dropped = _dropped_rows(keep)
+        if dropped is not None:
+            x_t = torch.where(keep, x_t, 0.0)
         grad = torch.empty_like(x) if need_grad else None
         for block in row_blocks(*x.shape, x.device):
-            xb = _kept_rows(x[block], keep[block], dropped, block, dtype)
+            xb = _kept_rows(x[block], dropped, block, dtype)
             ib = index[block]
-            others_max = xb.scatter(-1, ib, _NEG_INF).amax(-1)
             p = torch.softmax(xb, dim=-1)
             pb_t = p.gather(-1, ib).squeeze(-1)
             p.scatter_(-1, ib, 0.0)
             rb = p.sum(-1)
-            log_softmax_t = x_t[block] - torch.maximum(x_t[block], others_max)
+            log_softmax_t = x_t[block] - xb.amax(-1)
             log_softmax_t += torch.maximum(pb_t, p.amax(-1)).log()
             log_p_t[block] = torch.where(rb < 0.5, torch.log1p(-rb), log_softmax_t)
             rest[block], p_t[block] = rb, pb_t
             if need_hits:
-                hits[block] = target_is_argmax(xb, target[block], x_t[block], others_max)
+                hits[block] = target_is_argmax(xb, target[block], x_t[block])
             if grad is not None:
                 _write_block(grad, block, p)
         factor = _power(rest, gamma) if gamma != 0 else torch.ones_like(rest)
@@ -427,25 +427,33 @@ class _SoftmaxFocal(torch.autograd.Function):
         x, target, keep, coefficient, rest = ctx.saved_tensors
         scale = grad_focal * coefficient
         grad, ctx.grad = ctx.grad, None
+        dropped = _dropped_rows(keep)
         if grad is None:  # a second backward through the graph (retain_graph=True), or no grad mode
             grad = torch.empty_like(x)
-            dropped = (~keep).nonzero().squeeze(1) if x.device.type == "cpu" else None
             for block in row_blocks(*x.shape, x.device):
-                xb = _kept_rows(x[block], keep[block], dropped, block, ctx.dtype)
+                xb = _kept_rows(x[block], dropped, block, ctx.dtype)
                 p = torch.softmax(xb, dim=-1).scatter_(-1, target[block, None], 0.0)
                 _write_block(grad, block, p)
         grad.mul_(scale[:, None].to(grad.dtype))
         grad.scatter_(-1, target[:, None], (-scale * rest)[:, None].to(grad.dtype))
+        if dropped is None:  # rows that do not count were not zeroed: their NaN · 0 is cleared here
+            grad.masked_fill_(~keep[:, None], 0.0)
         return (grad, *(None,) * 6)
 
 
-def _kept_rows(xb: Tensor, keep: Tensor, dropped: Tensor | None, block: slice, dtype: torch.dtype) -> Tensor:
-    """A block of logits in ``dtype`` with the rows that do not count set to 0 (no inf or NaN reaches
-    their zero gradient). ``dropped``: the indices of those rows in the whole batch (CPU), or None
-    (elsewhere: a select, no host read)."""
+def _dropped_rows(keep: Tensor) -> Tensor | None:
+    """The indices of the rows that do not count, on a CPU (a host read there costs nothing); None
+    elsewhere, where those rows are cleared from the gradient at the end instead (no host read, and no
+    zeroed copy of the logits)."""
+    return (~keep).nonzero().squeeze(1) if keep.device.type == "cpu" else None
+
+
+def _kept_rows(xb: Tensor, dropped: Tensor | None, block: slice, dtype: torch.dtype) -> Tensor:
+    """A block of logits in ``dtype``, the ``dropped`` rows set to 0 (no inf or NaN reaches their zero
+    gradient); unchanged when ``dropped`` is None."""
     xb = xb.to(dtype)
     if dropped is None:
-        return torch.where(keep[:, None], xb, 0.0)
+        return xb
     local = dropped[(dropped >= block.start) & (dropped < block.stop)] - block.start
     return xb if len(local) == 0 else xb.index_fill(0, local, 0.0)
 

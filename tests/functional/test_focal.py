@@ -18,6 +18,7 @@ from tests.loss_tester import LossTester
 INF = float("inf")
 # the module (the package re-exports a function of the same name)
 cross_entropy_module = importlib.import_module("lightning_losses.functional.cross_entropy")
+focal_module = importlib.import_module("lightning_losses.functional.focal")
 
 CLASS_ALPHA = [0.5, 2.0, 1.0, 1.5, 0.25]
 LABEL_ALPHA = [0.1, 0.9, 0.5, 0.25, 0.75]
@@ -446,12 +447,17 @@ def test_sigmoid_gradient_from_the_forward_survives_a_second_backward(blocks, mo
         torch.testing.assert_close(focal_loss(logits, target, **options), loss.detach())
 
 
+@pytest.mark.parametrize("zeroed", ["in the logits", "in the gradient"])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
-def test_multiclass_blocks_agree_with_the_reference_also_for_a_second_backward(gamma, monkeypatch):
+def test_multiclass_blocks_agree_with_the_reference_also_for_a_second_backward(gamma, zeroed, monkeypatch):
     """Blocks of 3 rows, an ignored row holding NaN and inf logits, tied top logits: loss, metrics
     (accuracy as ``argmax``, first index on ties) and gradient equal the brute-force reference; the
-    gradient the forward made is scaled once, and a second backward (``retain_graph``) recomputes it."""
+    gradient the forward made is scaled once, and a second backward (``retain_graph``) recomputes it.
+    The rows that do not count are zeroed in the logits on a CPU and in the gradient elsewhere: both
+    ways run here."""
     monkeypatch.setattr(cross_entropy_module, "BLOCK_ELEMENTS", 15)  # 3 rows of 5 per block
+    if zeroed == "in the gradient":
+        monkeypatch.setattr(focal_module, "_dropped_rows", lambda keep: None)
     g = torch.Generator().manual_seed(9)
     logits = 2 * torch.randn(10, 5, generator=g, dtype=torch.float64)
     target = torch.randint(0, 5, (10,), generator=g)
