@@ -32,6 +32,7 @@ from lightning_losses.functional.cross_entropy import (
     fused_path,
     per_row_cross_entropy,
     row_blocks,
+    target_is_argmax,
 )
 from lightning_losses.protocol import (
     check_floating,
@@ -470,11 +471,8 @@ class _WholeInfoNCE(torch.autograd.Function):
             other_max = logits.amax(1)
             for diagonal, values in zip(positives, positive_logits.split(num_pairs), strict=True):
                 diagonal.copy_(values)
-            hits = positive_logits > other_max
-            tied = positive_logits == other_max
-            if tied.any():  # a CPU-only path: the read costs nothing; ties go to argmax's first index
-                rows = tied.nonzero().squeeze(1)
-                hits[rows] = logits[rows].argmax(1) == (rows + num_pairs) % num_rows
+            partner = (torch.arange(num_rows, device=z.device) + num_pairs) % num_rows
+            hits = target_is_argmax(logits, partner, positive_logits, other_max)  # argmax for ties
             row_max = torch.maximum(other_max, positive_logits)
         else:
             hits, row_max = None, logits.amax(1)
