@@ -33,7 +33,6 @@ __all__ = [
     "FUSED_MIN_ELEMENTS",
     "cross_entropy",
     "cross_entropy_with_metrics",
-    "finite_or_zero",
     "fused_path",
     "per_row_cross_entropy",
     "row_blocks",
@@ -87,12 +86,6 @@ def valid_mask(
         return (target != ignore_index).to(dtype)
     valid = torch.ones_like(target, dtype=dtype) if mask is None else mask.to(dtype)
     return valid if ignore_index is None else valid * (target != ignore_index)
-
-
-def finite_or_zero(values: Tensor) -> Tensor:
-    """``values`` with ``±inf`` and NaN replaced by 0: a shift for ``exp(x - shift)`` that never makes
-    ``-inf - (-inf)``."""
-    return torch.where(torch.isfinite(values), values, 0.0)
 
 
 class _CrossEntropy(torch.autograd.Function):

@@ -414,8 +414,7 @@ class _SoftmaxFocal(torch.autograd.Function):
         p_log_p_over_r = torch.where(p_t > 0, p_t * ratio, 0.0)
         coefficient = torch.where(keep, factor * (1 - gamma * p_log_p_over_r), 0.0)
         ctx.save_for_backward(x, target, keep, coefficient, rest)
-        ctx.dtype = dtype
-        ctx.grad = grad
+        ctx.dtype, ctx.dropped, ctx.grad = dtype, dropped, grad
         ctx.mark_non_differentiable(log_p_t, hits)
         return focal, log_p_t, hits
 
@@ -427,7 +426,7 @@ class _SoftmaxFocal(torch.autograd.Function):
         x, target, keep, coefficient, rest = ctx.saved_tensors
         scale = grad_focal * coefficient
         grad, ctx.grad = ctx.grad, None
-        dropped = _dropped_rows(keep)
+        dropped = ctx.dropped
         if grad is None:  # a second backward through the graph (retain_graph=True), or no grad mode
             grad = torch.empty_like(x)
             for block in row_blocks(*x.shape, x.device):
@@ -573,7 +572,7 @@ class _SigmoidFocal(torch.autograd.Function):
             # 1 where (x > 0) != (t > 0.5), else 0 (float ops: a bool tensor costs ~5x on a CPU)
             wrong = torch.sign(xb).clamp_(min=0).sub_(torch.sign(tb - 0.5).clamp_(min=0)).square_()
             if weights is None:
-                count = torch.tensor(float(xb.numel()), dtype=dtype, device=x.device)
+                count = loss.new_full((), xb.numel())  # a fill on the device, no host copy
                 sums += torch.stack([loss.sum(), count, count - r.sum(), count - wrong.sum()])
             else:
                 count = weights.sum()
