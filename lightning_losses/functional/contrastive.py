@@ -32,7 +32,6 @@ from lightning_losses.functional.cross_entropy import (
     fused_path,
     per_row_cross_entropy,
     row_blocks,
-    target_is_argmax,
 )
 from lightning_losses.protocol import (
     check_floating,
@@ -440,7 +439,8 @@ def contrastive_loss_with_metrics(
 class _WholeInfoNCE(torch.autograd.Function):
     r"""InfoNCE of rows ``z [M, D]`` (``M = 2N``; row :math:`i`'s positive is row :math:`(i + N) \bmod M`)
     from one ``[M, M]`` matrix, the gradient written in the forward pass. Returns ``(loss,
-    positive_logit_sum, hits or None, y)``; only ``loss`` is differentiable. ``hits [M]`` says whether
+    positive_logit_sum, hits, y)``, the middle two None without ``need_hits``; only ``loss`` is
+    differentiable. ``hits [M]`` says whether
     the positive is the row's argmax (from the largest other logit; argmax itself only for tied rows);
     ``y`` is the rows the similarities are made of: ``F.normalize(z)`` with ``normalize``, else ``z``.
 
@@ -465,21 +465,24 @@ class _WholeInfoNCE(torch.autograd.Function):
         # s[i, i + N] and s[i + N, i]: the positives of rows 0..N-1 and N..2N-1
         positives = (logits.diagonal(num_pairs), logits.diagonal(-num_pairs))
         positive_logits = torch.cat(positives)
+        hits = positive_logit_sum = None
         if need_hits:  # the largest other logit (positives masked for a moment) decides, not an argmax
             for diagonal in positives:
                 diagonal.fill_(float("-inf"))
             other_max = logits.amax(1)
             for diagonal, values in zip(positives, positive_logits.split(num_pairs), strict=True):
                 diagonal.copy_(values)
-            partner = (torch.arange(num_rows, device=z.device) + num_pairs) % num_rows
-            hits = target_is_argmax(logits, partner, positive_logits, other_max)  # argmax for ties
+            hits = positive_logits > other_max
+            tied = (positive_logits == other_max).nonzero().squeeze(1)
+            if len(tied):  # `target_is_argmax`'s rule, first index wins; partners made for these rows only
+                hits[tied] = logits[tied].argmax(1) == (tied + num_pairs) % num_rows
             row_max = torch.maximum(other_max, positive_logits)
+            positive_logit_sum = positive_logits.sum()
         else:
-            hits, row_max = None, logits.amax(1)
+            row_max = logits.amax(1)
         exponentials = logits.sub_(row_max[:, None]).exp_()  # logits are gone from here on
         row_sums = exponentials.sum(1)
-        positive_logit_sum = positive_logits.sum()
-        loss = (row_max.sum() + row_sums.log().sum() - positive_logit_sum) / num_rows
+        loss = torch.add(row_max, row_sums.log()).sub_(positive_logits).mean()
         grad = None
         if need_grad:
             g = exponentials.div_(row_sums[:, None])  # the softmax p
@@ -487,11 +490,10 @@ class _WholeInfoNCE(torch.autograd.Function):
                 diagonal.sub_(1.0)
             grad = torch.mm(torch.add(g, g.T), y).mul_(1.0 / (num_rows * temperature))
             if norms is not None:
-                clamped = norms <= _NORMALIZE_EPS
-                radial = torch.where(clamped, 0.0, (y * grad).sum(1, keepdim=True))
-                grad = grad.sub_(y * radial).div_(norms.clamp_min_(_NORMALIZE_EPS))
+                radial = torch.where(norms <= _NORMALIZE_EPS, 0.0, torch.linalg.vecdot(y, grad)[:, None])
+                grad = grad.addcmul_(y, radial, value=-1.0).div_(norms.clamp_min_(_NORMALIZE_EPS))
         ctx.grad = grad
-        ctx.mark_non_differentiable(positive_logit_sum, y)
+        ctx.mark_non_differentiable(*(t for t in (positive_logit_sum, hits, y) if t is not None))
         return loss, positive_logit_sum, hits, y
 
     @staticmethod
@@ -569,14 +571,15 @@ def _info_nce(
         if not with_metrics:
             return loss, {}
         with torch.no_grad():
-            positive_sum = (z[:num_pairs] * z[num_pairs:]).sum() * 2
+            positive_sum = torch.dot(z[:num_pairs].flatten(), z[num_pairs:].flatten()) * 2
     with torch.no_grad():
         # similarities z_i·z_j (not over τ) from [2N, D] sums: Σ_{i≠j} z_i·z_j = ‖Σ_i z_i‖² − Σ_i ‖z_i‖²
-        off_diagonal_sum = z.sum(0).square().sum() - z.square().sum()
+        column_sum, flat = z.sum(0), z.flatten()
+        negative_sum = torch.dot(column_sum, column_sum).sub_(torch.dot(flat, flat)).sub_(positive_sum)
         metrics = {
-            "accuracy": divide_by_count(hits.to(dtype).sum(), 2 * num_pairs),
-            "mean_positive_similarity": divide_by_count(positive_sum, 2 * num_pairs),
-            "mean_negative_similarity": divide_by_count(off_diagonal_sum - positive_sum, num_negatives),
+            "accuracy": hits.mean(dtype=dtype),  # num_pairs > 0 here
+            "mean_positive_similarity": positive_sum / (2 * num_pairs),
+            "mean_negative_similarity": divide_by_count(negative_sum, num_negatives),
         }
     return loss, metrics
 
