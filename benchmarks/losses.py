@@ -78,6 +78,7 @@ LOSSES = (
 )
 Inputs = dict[str, Tensor]
 PML_NTXENT_LIMIT = 2 * 2**30  # bytes: pytorch-metric-learning's NTXentLoss is skipped above this estimate
+SLOW_VARIANT = 20.0  # a variant this many times slower than ours (warm-up call) is timed apart
 
 
 @dataclass
@@ -391,7 +392,9 @@ def _close(a: float, b: float) -> bool:
 
 def measure_case(case: Case, *, repeats: int, device: str, compile: bool) -> dict[str, Any]:
     """Times (median of ``repeats`` alternating rounds after one warm-up run; in each round every variant
-    runs twice and the second call is timed), values, CUDA peaks and the value checks of one case."""
+    runs twice and the second call is timed, in an order rotated by one from the last round's; variants
+    over ``SLOW_VARIANT`` times slower than ours get rounds of their own), values, CUDA peaks and the
+    value checks of one case."""
     inputs = case.make()
     variants: dict[str, Callable[[Inputs], Tensor]] = {"ours": case.ours}
     if case.functional is not None:
@@ -404,16 +407,28 @@ def measure_case(case: Case, *, repeats: int, device: str, compile: bool) -> dic
         for r in active:
             if r.compilable:
                 variants[f"{r.name} (compiled)"] = torch.compile(r.fn)
-    values = {name: _run_once(fn, inputs, case, device) for name, fn in variants.items()}  # warm-up
+    values, warm_up_s = {}, {}
+    for name, fn in variants.items():
+        start = time.perf_counter()
+        values[name] = _run_once(fn, inputs, case, device)
+        warm_up_s[name] = time.perf_counter() - start
+    # A variant over SLOW_VARIANT times slower than ours (pml's NTXent: hundreds of ms, GiBs of masks)
+    # is timed in rounds of its own after the others: with glibc's allocator the calls after it ran
+    # 1.5x slower for more than eight calls, which its neighbours' one untimed call did not absorb.
+    slow = [name for name in variants if warm_up_s[name] > SLOW_VARIANT * warm_up_s["ours"]]
+    groups = [[name for name in variants if name not in slow], slow]
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            # one untimed call first: each timed call finds caches and heap as its own previous call left
-            # them (as in a training loop), not as the variant before it did (pml's NTXent, say)
-            _run_once(fn, inputs, case, device)
-            start = time.perf_counter()
-            _run_once(fn, inputs, case, device)
-            times[name].append(time.perf_counter() - start)
+    for names in filter(None, groups):
+        for round_index in range(repeats):
+            shift = round_index % len(names)  # the order rotates: no variant always follows another
+            for name in names[shift:] + names[:shift]:
+                fn = variants[name]
+                # one untimed call first: the timed call finds caches and heap as its own previous call
+                # left them (as in a training loop), not as the variant before it did
+                _run_once(fn, inputs, case, device)
+                start = time.perf_counter()
+                _run_once(fn, inputs, case, device)
+                times[name].append(time.perf_counter() - start)
     peaks = {name: _peak_bytes(fn, inputs, case, device) for name, fn in variants.items()}
     median_ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
 
