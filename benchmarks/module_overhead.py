@@ -29,7 +29,9 @@ each variant's median steps per second, its overhead
 ``median(variant step time) / median(hand_written step time) - 1``, and the median of its per-repeat
 ratios to ``hand_written`` (each repeat's runs are neighbours in time); and the same ratio of the medians
 of the process's CPU time per step (``time.process_time``; one torch thread, data loaded in the main
-process), which a busy machine disturbs less than wall time, as time spent waiting for a core is left out.
+process), which a busy machine disturbs less than wall time, as time spent waiting for a core is left out;
+and the ratio of the medians over repeats of each run's fastest epoch, which a burst of load on the
+machine (several seconds of it slowed whole runs here) disturbs least.
 
 ``--profile`` then runs each variant once more under ``cProfile`` and prints, by cumulative time, the
 library's functions and Lightning's ``log`` (call counts show how many ``self.log`` calls a step makes).
