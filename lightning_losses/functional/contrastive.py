@@ -32,6 +32,7 @@ from lightning_losses.functional.cross_entropy import (
     fused_path,
     per_row_cross_entropy,
     row_blocks,
+    target_is_argmax,
 )
 from lightning_losses.protocol import (
     check_floating,
@@ -440,9 +441,9 @@ class _WholeInfoNCE(torch.autograd.Function):
     r"""InfoNCE of rows ``z [M, D]`` (``M = 2N``; row :math:`i`'s positive is row :math:`(i + N) \bmod M`)
     from one ``[M, M]`` matrix, the gradient written in the forward pass. Returns ``(loss,
     positive_logit_sum, hits, y)``, the middle two None without ``need_hits``; only ``loss`` is
-    differentiable. ``hits [M]`` says whether
-    the positive is the row's argmax (from the largest other logit; argmax itself only for tied rows);
-    ``y`` is the rows the similarities are made of: ``F.normalize(z)`` with ``normalize``, else ``z``.
+    differentiable. ``hits [M]`` says whether the positive is the row's argmax (from the largest other
+    logit; argmax itself only for tied rows); ``y`` is the rows the similarities are made of:
+    ``F.normalize(z)`` with ``normalize``, else ``z``.
 
     With :math:`S = y y^\top`, :math:`s = S / \tau` (diagonal :math:`-\infty`) and :math:`p` its row
     softmax, :math:`\partial L / \partial S = (p - Y) / (M \tau)` with :math:`Y` the positives' one-hot
@@ -472,10 +473,8 @@ class _WholeInfoNCE(torch.autograd.Function):
             other_max = logits.amax(1)
             for diagonal, values in zip(positives, positive_logits.split(num_pairs), strict=True):
                 diagonal.copy_(values)
-            hits = positive_logits > other_max
-            tied = (positive_logits == other_max).nonzero().squeeze(1)
-            if len(tied):  # `target_is_argmax`'s rule, first index wins; partners made for these rows only
-                hits[tied] = logits[tied].argmax(1) == (tied + num_pairs) % num_rows
+            partner = torch.arange(num_rows, device=z.device).roll(num_pairs)  # (i + N) mod 2N
+            hits = target_is_argmax(logits, partner, positive_logits, other_max)  # argmax for ties
             row_max = torch.maximum(other_max, positive_logits)
             positive_logit_sum = positive_logits.sum()
         else:
