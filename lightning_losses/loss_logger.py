@@ -60,18 +60,22 @@ class LossLogger(nn.Module):
         super().__init__()
         self.prog_bar = prog_bar
         self._attribute_of: dict[str, str] = {}  # stage -> submodule name
+        self._aggregator_of: dict[str, MetricAggregator] = {}  # the same submodules (no nn.Module getattr)
         self._path: str | None = None  # this logger's attribute path in the LightningModule
         self._train_epoch_logged: dict[str, tuple[int, int]] = {}  # key -> (trainer id, epoch) logged
 
     def __getitem__(self, stage: str) -> MetricAggregator:
         """The aggregator of ``stage`` (its ``[key].compute()`` is the running epoch mean)."""
-        if stage not in self._attribute_of:
+        aggregator = self._aggregator_of.get(stage)
+        if aggregator is None:
             name = re.sub(r"\W", "_", stage) + "_metrics"
             while hasattr(self, name):
                 name += "_"
-            self.add_module(name, MetricAggregator())
+            aggregator = MetricAggregator()
+            self.add_module(name, aggregator)
             self._attribute_of[stage] = name
-        return getattr(self, self._attribute_of[stage])
+            self._aggregator_of[stage] = aggregator
+        return aggregator
 
     def forward(
         self,
@@ -110,10 +114,10 @@ class LossLogger(nn.Module):
             raise TypeError(f"`module` must be the LightningModule that owns this logger, got {type(module)}")
         if not metrics:
             return
+        path = self._attribute_path(module)  # first: a stray logger is an error before anything is logged
         weights = weights or {}
         aggregator = self[stage]
         updated = aggregator.update(metrics, {k: weights.get(k, default_weight) for k in metrics})
-        path = f"{self._attribute_path(module)}.{self._attribute_of[stage]}"
         epoch = (id(module.trainer), module.current_epoch) if stage == "train" else None
         for key, metric in updated.items():
             shown = key == self.prog_bar
@@ -127,7 +131,7 @@ class LossLogger(nn.Module):
                 name, shown = f"train/{key}_epoch", False
             else:
                 name = f"{stage}/{key}"
-            attribute = f"{path}.{aggregator.attribute(key)}"
+            attribute = f"{path}.{self._attribute_of[stage]}.{aggregator.attribute(key)}"
             module.log(name, metric, on_step=False, on_epoch=True, metric_attribute=attribute, prog_bar=shown)
 
     def _attribute_path(self, module: pl.LightningModule) -> str:

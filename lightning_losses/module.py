@@ -56,9 +56,9 @@ Non-finite losses and gradients (``nan_policy``)
 Checked once per optimizer step, after the backward pass: a non-finite training loss (any batch of an
 ``accumulate_grad_batches`` window, any micro-batch) or a non-finite gradient (even with a finite
 loss: e.g. ``sqrt`` at 0). The losses and the gradients' norms (one fused ``torch._foreach_norm`` over
-the optimizer's gradients) are added up, summed over ranks in one all-reduce and read in one host read:
-NaN and ±inf propagate through the sum, and every rank takes the same branch (an exact element-wise
-check runs only when the sum is not finite). ``"raise"``:
+the optimizer's gradients) are stacked, summed over ranks in one all-reduce and read in one host read:
+NaN and ±inf propagate through the sums, and every rank takes the same branch (an exact element-wise
+check runs only when one is not finite). ``"raise"``:
 ``FloatingPointError`` on every rank. ``"skip"``: the gradients are
 discarded and the optimizer step is not taken (weights and optimizer state untouched; Lightning still
 counts it in ``global_step``, and in automatic optimization a per-step LR scheduler still steps),
@@ -209,10 +209,9 @@ class LossModule(pl.LightningModule):
         self.loss_binding = Binding(loss, input_map)
         self.model_binding = Binding(model, model_input_map)
         # the global counts the loss asks for by parameter name (unless renamed to a batch key)
-        self._wanted_counts = frozenset(
-            {"global_valid_toks", "global_valid_seqs"}
-            & (set(self.loss_binding.names) - set(self.loss_binding.rename))
-        )
+        unrenamed = set(self.loss_binding.names) - set(self.loss_binding.rename)
+        self._wanted_counts = frozenset({"global_valid_toks", "global_valid_seqs"} & unrenamed)
+        self._wants_data, self._wants_model = "data" in unrenamed, "model" in unrenamed
         # the loss's metrics: a weighted mean per key and stage; task metrics: `<stage>_task_metrics`
         self.loss_logger = LossLogger()
         if metrics is not None and not isinstance(metrics, MetricCollection):
@@ -350,8 +349,7 @@ class LossModule(pl.LightningModule):
         wanted = self._wanted_counts
         if not wanted:
             return None
-        special = {"data": batch, "model": self.model} | dict.fromkeys(wanted)
-        _, kwargs = self.loss_binding.bind([batch], special=special, missing_ok=True)
+        _, kwargs = self.loss_binding.bind([batch], special=self._special_inputs(batch), missing_ok=True)
         try:
             return self._counts(batch, kwargs)
         except KeyError as error:
@@ -370,18 +368,29 @@ class LossModule(pl.LightningModule):
         taken from this batch.
         """
         wanted = self._wanted_counts
-        special: dict[str, Any] = {"data": batch, "model": self.model} | dict.fromkeys(wanted)
-        args, kwargs = self.loss_binding.bind([outputs, batch], special=special)
-        if self.upcast_inputs:
+        args, kwargs = self.loss_binding.bind([outputs, batch], special=self._special_inputs(batch))
+        if self.upcast_inputs:  # the batch, the model and the counts are never half-precision tensors
             args = [_upcast(v) for v in args]
-            kwargs = {k: v if k in special else _upcast(v) for k, v in kwargs.items()}
-        if counts is None and wanted:
+            kwargs = {k: _upcast(v) for k, v in kwargs.items()}
+        if not wanted:
+            return args, kwargs, None
+        if counts is None:
             counts = self._counts(batch, kwargs)
         for name in wanted.difference(counts.given if counts is not None else ()):
             kwargs.pop(name, None)
         if counts is None:
             return args, kwargs, None
         return args, kwargs | counts.given, counts.divisor
+
+    def _special_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The loss parameters filled by ``LossModule`` rather than looked up: those the loss takes
+        (the count values are placeholders until the counts are known)."""
+        special: dict[str, Any] = dict.fromkeys(self._wanted_counts)
+        if self._wants_data:
+            special["data"] = batch
+        if self._wants_model:
+            special["model"] = self.model
+        return special
 
     # ------------------------------------------------------------------------------------------------
     # steps
@@ -478,11 +487,12 @@ class LossModule(pl.LightningModule):
     def _step_is_finite(self, optimizer: Any) -> bool:
         """The one host read per optimizer step; applies ``nan_policy`` (raise, or zero the gradients).
 
-        The value read is the sum of this step's losses and of each gradient's L2 norm (one fused
-        ``torch._foreach_norm`` over the optimizer's gradients), summed over ranks: NaN and ±inf
-        propagate through it, so it is finite whenever every loss and gradient on every rank is; when it
-        is not, an exact element-wise diagnosis decides (finite values whose squares or sum overflowed
-        are then found finite, and the step is taken)."""
+        The values read are this step's losses and each gradient's L2 norm (one fused
+        ``torch._foreach_norm`` over the optimizer's gradients), stacked and summed over ranks
+        position by position: NaN and ±inf propagate through the sums, so they are all finite whenever
+        every loss and gradient on every rank is; when one is not, an exact element-wise diagnosis
+        decides (finite values whose squares or sum overflowed are then found finite, and the step is
+        taken). One ``tolist`` reads them all (on this CPU a sum and an ``item`` are one op more)."""
         if self.nan_policy == "ignore":
             return True
         grads = self._gradients(optimizer)
@@ -491,11 +501,11 @@ class LossModule(pl.LightningModule):
         parts = [*torch._foreach_norm(grads), *losses] if grads else losses
         if not parts:
             return True
-        check = self._all_reduce_sum(torch.stack(parts).sum())  # torch.stack promotes mixed dtypes
-        if math.isfinite(check.item()):  # the one host read per step: every rank reads the same value
+        values = self._all_reduce_sum(torch.stack(parts)).tolist()  # torch.stack promotes mixed dtypes
+        if all(map(math.isfinite, values)):  # the one host read per step: every rank reads the same
             return True
         loss_ranks, grad_ranks = self._nonfinite_ranks(losses, optimizer).tolist()
-        if loss_ranks == 0 and grad_ranks == 0:  # finite values whose sum overflowed
+        if loss_ranks == 0 and grad_ranks == 0:  # finite values whose square sums or rank sums overflowed
             return True
         self._report_non_finite(int(loss_ranks), int(grad_ranks), optimizer)
         self.skipped_steps += 1
@@ -695,8 +705,10 @@ _NOTHING: frozenset[str] = frozenset()
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
-    first = next((v for v in batch.values() if isinstance(v, Tensor) and v.ndim > 0), None)
-    return 1 if first is None else first.shape[0]
+    for value in batch.values():
+        if isinstance(value, Tensor) and value.ndim > 0:
+            return value.shape[0]
+    return 1
 
 
 def _mask_nonfinite(
