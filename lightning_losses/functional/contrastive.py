@@ -194,13 +194,22 @@ class _ChunkedSupCon(torch.autograd.Function):
         ctx.grad = None if grad is None else divide_by_count(grad, num_anchors)
         extras = (positive_sum, negative_sum, num_positives, argmax)
         ctx.mark_non_differentiable(*extras)
+        ctx.set_materialize_grads(False)  # no zero gradients made for the non-differentiable outputs
         return (divide_by_count(loss_sum, num_anchors), *extras)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, None, None, None, None]:
-        # not in place: the stored gradient stays valid for another backward (retain_graph=True)
-        return (None if ctx.grad is None else ctx.grad * grad_loss), None, None, None, None
+    def backward(
+        ctx: Any, grad_loss: Tensor | None, *_: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None, None]:
+        return _scaled(ctx.grad, grad_loss), None, None, None, None
+
+
+def _scaled(grad: Tensor | None, grad_loss: Tensor | None) -> Tensor | None:
+    """A stored gradient times the loss's incoming one; None when either is (no grad mode, or no
+    gradient reached the loss: the functions here do not materialize zero output gradients). Not in
+    place: the stored gradient stays valid for another backward (``retain_graph=True``)."""
+    return None if grad is None or grad_loss is None else grad * grad_loss
 
 
 def _chunked(
@@ -289,13 +298,13 @@ class _FusedContrastive(torch.autograd.Function):
         ctx.grad = grad
         extras = (positive_loss, negative_loss, sums[2], sums[3], num_positive, num_negative)
         ctx.mark_non_differentiable(*extras)
+        ctx.set_materialize_grads(False)  # no zero gradients made for the non-differentiable outputs
         return (loss, *extras)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
-        # not in place: the stored gradient stays valid for another backward (retain_graph=True)
-        return (None if ctx.grad is None else ctx.grad * grad_loss), None, None, None, None, None, None
+    def backward(ctx: Any, grad_loss: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
+        return _scaled(ctx.grad, grad_loss), None, None, None, None, None, None
 
 
 @_without_autocast
@@ -448,8 +457,8 @@ class _WholeInfoNCE(torch.autograd.Function):
     With :math:`S = y y^\top`, :math:`s = S / \tau` (diagonal :math:`-\infty`) and :math:`p` its row
     softmax, :math:`\partial L / \partial S = (p - Y) / (M \tau)` with :math:`Y` the positives' one-hot
     rows, and since :math:`S` is :math:`y y^\top`, :math:`\partial L / \partial y = (G + G^\top) y /
-    (M \tau)` with :math:`G = p - Y`: one matrix product where autograd takes two, and the softmax made
-    in place from the forward pass's exponentials. Through :math:`y = z / \max(\lVert z \rVert,
+    (M \tau)` with :math:`G = p - Y`: one matrix product where autograd takes two, ``G`` made in place
+    from the forward pass's softmax. Through :math:`y = z / \max(\lVert z \rVert,
     \epsilon)`: :math:`\partial L/\partial z = (g - y\,(y \cdot g)) / \lVert z \rVert` per row (only
     :math:`g / \epsilon` where the norm is clamped), a few row operations where autograd's
     ``F.normalize`` backward takes a dozen.
@@ -473,18 +482,22 @@ class _WholeInfoNCE(torch.autograd.Function):
             other_max = logits.amax(1)
             for diagonal, values in zip(positives, positive_logits.split(num_pairs), strict=True):
                 diagonal.copy_(values)
-            partner = torch.arange(num_rows, device=z.device).roll(num_pairs)  # (i + N) mod 2N
-            hits = target_is_argmax(logits, partner, positive_logits, other_max)  # argmax for ties
+            hits = target_is_argmax(  # argmax for ties; their partners (i + N) mod 2N made only then
+                logits, lambda rows: rows.add(num_pairs).remainder_(num_rows), positive_logits, other_max
+            )
             row_max = torch.maximum(other_max, positive_logits)
             positive_logit_sum = positive_logits.sum()
         else:
             row_max = logits.amax(1)
-        exponentials = logits.sub_(row_max[:, None]).exp_()  # logits are gone from here on
-        row_sums = exponentials.sum(1)
-        loss = torch.add(row_max, row_sums.log()).sub_(positive_logits).mean()
+        # One fused softmax kernel (on this CPU ~20 µs at 256 × 256 against ~55 µs for amax, subtract,
+        # exp, sum and divide). Each row's largest probability is exp(0) / Σ exp(s - max), at least
+        # 1 / M, so the row's log-sum-exp is its max minus the log of it, with no underflow however
+        # small the positive's probability is.
+        p = torch.softmax(logits, 1)
+        loss = (row_max - p.amax(1).log_()).sub_(positive_logits).mean()
         grad = None
         if need_grad:
-            g = exponentials.div_(row_sums[:, None])  # the softmax p
+            g = p  # p - Y, in place
             for diagonal in (g.diagonal(num_pairs), g.diagonal(-num_pairs)):
                 diagonal.sub_(1.0)
             grad = torch.mm(torch.add(g, g.T), y).mul_(1.0 / (num_rows * temperature))
@@ -493,13 +506,15 @@ class _WholeInfoNCE(torch.autograd.Function):
                 grad = grad.addcmul_(y, radial, value=-1.0).div_(norms.clamp_min_(_NORMALIZE_EPS))
         ctx.grad = grad
         ctx.mark_non_differentiable(*(t for t in (positive_logit_sum, hits, y) if t is not None))
+        ctx.set_materialize_grads(False)  # no zero gradients made for the non-differentiable outputs
         return loss, positive_logit_sum, hits, y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, None, None, None, None]:
-        # not in place: the stored gradient stays valid for another backward (retain_graph=True)
-        return (None if ctx.grad is None else ctx.grad * grad_loss), None, None, None, None
+    def backward(
+        ctx: Any, grad_loss: Tensor | None, *_: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None, None]:
+        return _scaled(ctx.grad, grad_loss), None, None, None, None
 
 
 def _similarity_logits(z: Tensor, temperature: float, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -12,6 +12,7 @@ plain ``F.cross_entropy`` path is traced instead (the compiler fuses it); logits
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -176,20 +177,24 @@ def per_row_cross_entropy(
     return loss, hits if need_hits else None
 
 
-def target_is_argmax(x: Tensor, target: Tensor, x_t: Tensor, others_max: Tensor | None = None) -> Tensor:
+def target_is_argmax(
+    x: Tensor, target: Tensor | Callable[[Tensor], Tensor], x_t: Tensor, others_max: Tensor | None = None
+) -> Tensor:
     """Whether ``argmax(x) == target`` per row of ``x [R, C]``, given each row's target value ``x_t`` and
     largest other value ``others_max`` (or those of an order-keeping map of ``x``, such as its
     log-softmax; found from ``x`` if None). On a CPU an ``amax`` costs a fraction of an ``argmax``,
     which decides only the tied rows (its first index wins); elsewhere ``argmax`` itself (no host read,
-    no copy of ``x``)."""
-    if x.device.type != "cpu":
-        return x.argmax(-1) == target
-    if others_max is None:
-        others_max = x.scatter(-1, target[:, None], float("-inf")).amax(-1)
+    no copy of ``x``). ``target`` may be a function from row indices to their targets, called only for
+    the rows that need them (on a CPU with ``others_max`` given: the tied rows)."""
+    if x.device.type != "cpu" or others_max is None:
+        every_target = target(torch.arange(len(x), device=x.device)) if callable(target) else target
+        if x.device.type != "cpu":
+            return x.argmax(-1) == every_target
+        others_max = x.scatter(-1, every_target[:, None], float("-inf")).amax(-1)
     hits = x_t > others_max
     tied = (x_t == others_max).nonzero().squeeze(1)
     if len(tied):
-        hits[tied] = x[tied].argmax(-1) == target[tied]
+        hits[tied] = x[tied].argmax(-1) == (target(tied) if callable(target) else target[tied])
     return hits
 
 
