@@ -112,19 +112,26 @@ class _CrossEntropy(torch.autograd.Function):
         rows, classes = x.shape
         # per row: -log p_y and, with smoothing, -Σ_c w_c log p_c, from each block's log-softmax (PyTorch's
         # fused kernel, on a block that stays in cache; faster than a logsumexp)
-        nll = torch.empty(rows, dtype=x.dtype, device=x.device)
-        smooth = torch.empty_like(nll) if smoothing > 0 else None
-        hits = torch.empty(rows if need_hits else 0, dtype=torch.bool, device=x.device)
+        log_p_t = torch.empty(rows, dtype=x.dtype, device=x.device)
+        smooth = torch.empty_like(log_p_t) if smoothing > 0 else None
+        # log_softmax keeps the logits' order (ties aside): the largest other log-probability decides
+        # the accuracy, for all rows at once after the blocks (per block, its few small ops would cost
+        # more than the block's amax at 8 rows a block)
+        others_max = torch.empty_like(log_p_t) if need_hits else None
         for block in row_blocks(rows, classes, x.device):
-            xb, index = x[block], target[block, None]
-            log_p = torch.log_softmax(xb, dim=-1)
-            log_p_t = log_p.gather(-1, index).squeeze(-1)
-            nll[block] = -log_p_t
+            index = target[block, None]
+            log_p = torch.log_softmax(x[block], dim=-1)
+            torch.gather(log_p, -1, index, out=log_p_t[block, None])
             if smooth is not None:
                 smooth[block] = (log_p.sum(-1) if weight is None else log_p @ weight).neg_()
-            if need_hits:  # log_softmax keeps the logits' order (ties aside): the largest other decides
-                others_max = log_p.scatter_(-1, index, float("-inf")).amax(-1)
-                hits[block] = target_is_argmax(xb, target[block], log_p_t, others_max)
+            if others_max is not None:
+                torch.amax(log_p.scatter_(-1, index, float("-inf")), -1, out=others_max[block])
+        hits = (
+            target_is_argmax(x, target, log_p_t, others_max)
+            if others_max is not None
+            else torch.empty(0, dtype=torch.bool, device=x.device)
+        )
+        nll = log_p_t.neg_()
         loss = nll if weight is None else weight[target] * nll
         if smooth is not None:
             loss = (1 - smoothing) * loss + (smoothing / classes) * smooth

@@ -387,27 +387,31 @@ class _SoftmaxFocal(torch.autograd.Function):
         rows = len(x)
         index = target[:, None]
         x_t = x.gather(-1, index).squeeze(-1).to(dtype)
-        rest, p_t, log_p_t = (torch.empty(rows, dtype=dtype, device=x.device) for _ in range(3))
-        hits = torch.empty(rows if need_hits else 0, dtype=torch.bool, device=x.device)
+        # per row: r = 1 - p_t, p_t and the largest other probability
+        rest, p_t, others_max = (torch.empty(rows, dtype=dtype, device=x.device) for _ in range(3))
         dropped = _dropped_rows(keep)
         if dropped is not None:
             x_t = torch.where(keep, x_t, 0.0)
         grad = torch.empty_like(x) if need_grad else None
+        in_grad = grad is not None and grad.dtype == dtype  # the softmax written straight into it
         for block in row_blocks(*x.shape, x.device):
             xb = _kept_rows(x[block], dropped, block, dtype)
             ib = index[block]
-            p = torch.softmax(xb, dim=-1)
-            pb_t = p.gather(-1, ib).squeeze(-1)
+            p = torch.softmax(xb, dim=-1, out=grad[block]) if in_grad else torch.softmax(xb, dim=-1)
+            torch.gather(p, -1, ib, out=p_t[block, None])
             p.scatter_(-1, ib, 0.0)
-            rb = p.sum(-1)
-            log_softmax_t = x_t[block] - xb.amax(-1)
-            log_softmax_t += torch.maximum(pb_t, p.amax(-1)).log()
-            log_p_t[block] = torch.where(rb < 0.5, torch.log1p(-rb), log_softmax_t)
-            rest[block], p_t[block] = rb, pb_t
-            if need_hits:
-                hits[block] = target_is_argmax(xb, target[block], x_t[block])
-            if grad is not None:
+            torch.sum(p, -1, out=rest[block])
+            torch.amax(p, -1, out=others_max[block])
+            if grad is not None and not in_grad:
                 _write_block(grad, block, p)
+        log_p_t = _log_p_t(x, x_t, p_t, rest, others_max, dtype)
+        # softmax keeps the logits' order (ties aside): the largest other probability decides, for all
+        # rows at once (per block, the few small ops would cost more than the block's work at 8 rows)
+        hits = (
+            target_is_argmax(x, target, p_t, others_max)
+            if need_hits
+            else torch.empty(0, dtype=torch.bool, device=x.device)
+        )
         factor = _power(rest, gamma) if gamma != 0 else torch.ones_like(rest)
         focal = torch.where(keep, -factor * log_p_t, 0.0)
         ratio = torch.where(rest > 0, log_p_t / torch.where(rest > 0, rest, 1.0), -1.0)
@@ -438,6 +442,30 @@ class _SoftmaxFocal(torch.autograd.Function):
         if dropped is None:  # rows that do not count were not zeroed: their NaN · 0 is cleared here
             grad.masked_fill_(~keep[:, None], 0.0)
         return (grad, *(None,) * 6)
+
+
+def _log_p_t(
+    x: Tensor,
+    x_t: Tensor,
+    p_t: Tensor,
+    rest: Tensor,
+    others_max: Tensor,
+    dtype: torch.dtype,
+) -> Tensor:
+    """``log p_t`` per row: ``log1p(-r)`` where ``r < 1/2`` (no cancellation where ``p_t`` nears 1),
+    ``log p_t`` where ``p_t`` is a normal number, and the log-softmax ``x_t - max_c x_c + log max_c p_c``
+    where it underflows (the row's largest probability is at least ``1/C``). On a CPU the row max is
+    taken for those rows alone (a host read there costs nothing); elsewhere for all (one pass)."""
+    log_p_t = torch.where(rest < 0.5, torch.log1p(-rest), torch.log(p_t))
+    underflow = p_t < torch.finfo(dtype).tiny
+    if x.device.type == "cpu":
+        rows = underflow.nonzero().squeeze(1)
+        if len(rows):
+            p_max = torch.maximum(p_t[rows], others_max[rows])  # dropped rows (zeroed) never underflow
+            log_p_t[rows] = x_t[rows] - x[rows].to(dtype).amax(-1) + p_max.log()
+        return log_p_t
+    log_softmax_t = x_t - x.to(dtype).amax(-1) + torch.maximum(p_t, others_max).log()
+    return torch.where(underflow, log_softmax_t, log_p_t)
 
 
 def _dropped_rows(keep: Tensor) -> Tensor | None:
