@@ -98,6 +98,12 @@ class _CrossEntropy(torch.autograd.Function):
     is the row's ``argmax``, empty unless asked for; not differentiable. Gradient: :math:`\partial \ell_i
     / \partial x_{ic} = a_i p_{ic} - (1-\varepsilon) w_{y_i} [c = y_i] - \tfrac{\varepsilon}{C} w_c` with
     :math:`a_i = (1-\varepsilon) w_{y_i} + \tfrac{\varepsilon}{C}\sum_c w_c`.
+
+    Each block's softmax is written in the forward pass straight into the one ``[R, C]`` tensor the
+    gradient becomes (target entries zeroed), so a block's exponentials are taken once, while it is in
+    cache: the backward scales the rows in place and sets the target entries (a second backward
+    recomputes the probabilities). :math:`\log p_t` is ``log(p_t)`` where ``p_t`` is a normal number,
+    else the row's log-softmax (those rows alone); :math:`L_i = x_{i y_i} - \log p_t`.
     """
 
     @staticmethod
@@ -108,60 +114,92 @@ class _CrossEntropy(torch.autograd.Function):
         weight: Tensor | None,
         smoothing: float,
         need_hits: bool,
+        need_grad: bool,
     ) -> tuple[Tensor, Tensor]:
         rows, classes = x.shape
-        # per row: -log p_y and, with smoothing, -Σ_c w_c log p_c, from each block's log-softmax (PyTorch's
-        # fused kernel, on a block that stays in cache; faster than a logsumexp)
-        log_p_t = torch.empty(rows, dtype=x.dtype, device=x.device)
-        smooth = torch.empty_like(log_p_t) if smoothing > 0 else None
-        # log_softmax keeps the logits' order (ties aside): the largest other log-probability decides
-        # the accuracy, for all rows at once after the blocks (per block, its few small ops would cost
-        # more than the block's amax at 8 rows a block)
-        others_max = torch.empty_like(log_p_t) if need_hits else None
+        grad = torch.empty_like(x) if need_grad else None
+        p_t = torch.empty(rows, dtype=x.dtype, device=x.device)
+        # softmax keeps the logits' order (ties aside): the largest other probability decides the
+        # accuracy, for all rows at once after the blocks (at 8 rows a block, the few small ops of the
+        # comparison would cost more than the block's amax)
+        others_max = torch.empty_like(p_t) if need_hits else None
+        x_dot_w = torch.empty_like(p_t) if smoothing > 0 else None  # Σ_c w_c x_ic
         for block in row_blocks(rows, classes, x.device):
-            index = target[block, None]
-            log_p = torch.log_softmax(x[block], dim=-1)
-            torch.gather(log_p, -1, index, out=log_p_t[block, None])
-            if smooth is not None:
-                smooth[block] = (log_p.sum(-1) if weight is None else log_p @ weight).neg_()
+            xb = x[block]
+            p = _probabilities(xb, target[block, None], p_t[block, None], grad, block)
             if others_max is not None:
-                torch.amax(log_p.scatter_(-1, index, float("-inf")), -1, out=others_max[block])
+                torch.amax(p, -1, out=others_max[block])
+            if x_dot_w is not None:
+                x_dot_w[block] = xb.sum(-1) if weight is None else xb @ weight
         hits = (
-            target_is_argmax(x, target, log_p_t, others_max)
+            target_is_argmax(x, target, p_t, others_max)
             if others_max is not None
             else torch.empty(0, dtype=torch.bool, device=x.device)
         )
-        nll = log_p_t.neg_()
-        loss = nll if weight is None else weight[target] * nll
-        if smooth is not None:
+        x_t = x.gather(-1, target[:, None]).squeeze(-1)
+        log_p_t = torch.log(p_t)
+        underflow = (p_t < torch.finfo(x.dtype).tiny).nonzero().squeeze(1)  # a CPU path: no sync
+        if len(underflow):  # exact there: the log-softmax of those rows
+            log_p = torch.log_softmax(x[underflow], dim=-1)
+            log_p_t[underflow] = log_p.gather(-1, target[underflow, None]).squeeze(-1)
+        loss = -log_p_t if weight is None else weight[target] * -log_p_t
+        if x_dot_w is not None:
+            total_weight = classes if weight is None else weight.sum()
+            smooth = (x_t - log_p_t) * total_weight - x_dot_w  # L Σ_c w_c - Σ_c w_c x_c
             loss = (1 - smoothing) * loss + (smoothing / classes) * smooth
-        ctx.save_for_backward(x, target, weight)
-        ctx.smoothing = smoothing
+        ctx.save_for_backward(x, target, weight, p_t)
+        ctx.smoothing, ctx.grad = smoothing, grad
         ctx.mark_non_differentiable(hits)
+        ctx.set_materialize_grads(False)
         return loss, hits
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_loss: Tensor, _: Tensor) -> tuple[Tensor | None, None, None, None, None]:
-        x, target, weight = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+    def backward(
+        ctx: Any, grad_loss: Tensor | None, _: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None, None, None]:
+        x, target, weight, p_t = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
         smoothing, classes = ctx.smoothing, x.shape[1]
         w_t = 1.0 if weight is None else weight[target]
         hard = grad_loss * (1 - smoothing) * w_t  # the one-hot part, per row
         total_weight = classes if weight is None else weight.sum()
         soft = grad_loss * (smoothing / classes)  # the smoothing part, per row (times w_c)
-        scale = (hard + soft * total_weight)[:, None]
-        grad = torch.empty_like(x)
+        scale = hard + soft * total_weight  # a_i
+        recompute = grad is None  # a second backward (retain_graph=True): the forward's was handed out
+        if recompute:
+            grad = torch.empty_like(x)
         for block in row_blocks(*x.shape, x.device):
-            gb = torch.mul(torch.softmax(x[block], dim=-1), scale[block], out=grad[block])
+            if recompute:
+                _probabilities(x[block], target[block, None], None, grad, block)
+            gb = grad[block].mul_(scale[block, None])
             if smoothing > 0:
                 if weight is None:
                     gb.sub_(soft[block, None])
                 else:
                     gb.addr_(soft[block], weight, alpha=-1)
-        grad.scatter_add_(-1, target[:, None], -hard[:, None].expand(-1, 1))
-        return grad, None, None, None, None
+        # the target entries, zeroed in the forward: a_i p_t - (1-ε) w_t (the smoothing part is in)
+        grad.scatter_add_(-1, target[:, None], (scale * p_t - hard)[:, None])
+        return grad, None, None, None, None, None
+
+
+def _needs_grad(x: Tensor) -> bool:
+    """Whether a fused function called on ``x`` now will be differentiated (inside its ``forward`` grad
+    mode is off, so the caller tells it)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _probabilities(
+    xb: Tensor, index: Tensor, p_t: Tensor | None, grad: Tensor | None, block: slice
+) -> Tensor:
+    """A block's softmax, written into ``grad[block]`` when there is one, its target entries (``index
+    [rows, 1]``) stored in ``p_t`` (if given) and then zeroed."""
+    p = torch.softmax(xb, dim=-1) if grad is None else torch.softmax(xb, dim=-1, out=grad[block])
+    if p_t is not None:
+        torch.gather(p, -1, index, out=p_t)
+    return p.scatter_(-1, index, 0.0)
 
 
 def per_row_cross_entropy(
@@ -180,7 +218,7 @@ def per_row_cross_entropy(
     if not (fused and fused_path()):
         hits = logits.detach().argmax(-1) == target if need_hits else None
         return F.cross_entropy(logits, target, reduction="none"), hits
-    loss, hits = _CrossEntropy.apply(logits, target, None, 0.0, need_hits)
+    loss, hits = _CrossEntropy.apply(logits, target, None, 0.0, need_hits, _needs_grad(logits))
     return loss, hits if need_hits else None
 
 
@@ -259,8 +297,9 @@ def _cross_entropy(
         if need_hits:
             hits = flat_logits.detach().argmax(-1) == safe_target
     else:
+        smoothing, need_grad = float(label_smoothing), _needs_grad(flat_logits)
         per_element, hits = _CrossEntropy.apply(
-            flat_logits, safe_target, class_weight, float(label_smoothing), need_hits
+            flat_logits, safe_target, class_weight, smoothing, need_hits, need_grad
         )
     per_element = per_element.reshape(target.shape)
     total = torch.where(keep, per_element * valid, 0.0).sum()

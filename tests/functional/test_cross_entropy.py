@@ -130,6 +130,33 @@ def test_confident_logits_stay_finite():
     torch.testing.assert_close(loss, torch.tensor(1e4))
 
 
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.3, "weight": CLASS_WEIGHTS}])
+def test_gradient_from_the_forward_survives_a_second_backward(options):
+    """The fused path writes the softmax into the gradient in the forward pass and scales it in the
+    backward: a second backward through the same graph (``retain_graph``) recomputes it, both equal the
+    brute-force gradient, and a row whose target probability underflows keeps its exact loss."""
+    g = torch.Generator().manual_seed(7)
+    logits = (3 * torch.randn(9, 5, generator=g, dtype=torch.float64)).float()
+    logits[4] = torch.tensor([0.0, 200.0, 0.0, 0.0, 0.0])  # p_t = e^-200 underflows in fp32
+    logits.requires_grad_()
+    target = torch.randint(0, 5, (9,), generator=g)
+    target[4], target[6] = 0, -100
+    if "weight" in options:
+        options = options | {"weight": torch.tensor(options["weight"])}
+    loss = cross_entropy(logits, target, **options)
+    (once,) = torch.autograd.grad(3 * loss, logits, retain_graph=True)
+    (twice,) = torch.autograd.grad(3 * loss, logits)
+    torch.testing.assert_close(once, twice)
+    reference_options = options | ({"weight": options["weight"].double()} if "weight" in options else {})
+    x = logits.detach().double().requires_grad_()
+    expected = F.cross_entropy(x, target, **reference_options)
+    (expected_grad,) = torch.autograd.grad(3 * expected, x)
+    torch.testing.assert_close(loss.double(), expected)
+    torch.testing.assert_close(once.double(), expected_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(cross_entropy(logits, target, **options), loss.detach())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
