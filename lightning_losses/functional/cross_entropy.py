@@ -34,6 +34,7 @@ __all__ = [
     "FUSED_MIN_ELEMENTS",
     "cross_entropy",
     "cross_entropy_with_metrics",
+    "exact_where_underflow",
     "fused_path",
     "per_row_cross_entropy",
     "row_blocks",
@@ -137,11 +138,7 @@ class _CrossEntropy(torch.autograd.Function):
             else torch.empty(0, dtype=torch.bool, device=x.device)
         )
         x_t = x.gather(-1, target[:, None]).squeeze(-1)
-        log_p_t = torch.log(p_t)
-        underflow = (p_t < torch.finfo(x.dtype).tiny).nonzero().squeeze(1)  # a CPU path: no sync
-        if len(underflow):  # exact there: the log-softmax of those rows
-            log_p = torch.log_softmax(x[underflow], dim=-1)
-            log_p_t[underflow] = log_p.gather(-1, target[underflow, None]).squeeze(-1)
+        log_p_t = exact_where_underflow(torch.log(p_t), p_t, x, target)
         loss = -log_p_t if weight is None else weight[target] * -log_p_t
         if x_dot_w is not None:
             total_weight = classes if weight is None else weight.sum()
@@ -183,6 +180,17 @@ class _CrossEntropy(torch.autograd.Function):
         # the target entries, zeroed in the forward: a_i p_t - (1-ε) w_t (the smoothing part is in)
         grad.scatter_add_(-1, target[:, None], (scale * p_t - hard)[:, None])
         return grad, None, None, None, None, None
+
+
+def exact_where_underflow(log_p_t: Tensor, p_t: Tensor, x: Tensor, target: Tensor) -> Tensor:
+    """``log_p_t`` (from the probabilities ``p_t [R]`` of the targets of ``x [R, C]``) with the rows
+    where ``p_t`` is not a normal number set to their log-softmax at the target: those rows alone, found
+    by a host read (CPU paths only; it costs nothing there). In place; returns ``log_p_t``."""
+    rows = (p_t < torch.finfo(p_t.dtype).tiny).nonzero().squeeze(1)
+    if len(rows):
+        log_p = torch.log_softmax(x[rows].to(p_t.dtype), dim=-1)
+        log_p_t[rows] = log_p.gather(-1, target[rows, None]).squeeze(-1)
+    return log_p_t
 
 
 def _needs_grad(x: Tensor) -> bool:

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_losses.functional.cross_entropy import fused_path, row_blocks, target_is_argmax, valid_mask
+from lightning_losses.functional.cross_entropy import (
+    exact_where_underflow,
+    fused_path,
+    row_blocks,
+    target_is_argmax,
+    valid_mask,
+)
 from lightning_losses.protocol import (
     check_class_targets,
     check_floating,
@@ -404,7 +410,7 @@ class _SoftmaxFocal(torch.autograd.Function):
             torch.amax(p, -1, out=others_max[block])
             if grad is not None and not in_grad:
                 _write_block(grad, block, p)
-        log_p_t = _log_p_t(x, x_t, p_t, rest, others_max, dtype)
+        log_p_t = _log_p_t(x, target, x_t, p_t, rest, others_max)
         # softmax keeps the logits' order (ties aside): the largest other probability decides, for all
         # rows at once (per block, the few small ops would cost more than the block's work at 8 rows)
         hits = (
@@ -444,28 +450,16 @@ class _SoftmaxFocal(torch.autograd.Function):
         return (grad, *(None,) * 6)
 
 
-def _log_p_t(
-    x: Tensor,
-    x_t: Tensor,
-    p_t: Tensor,
-    rest: Tensor,
-    others_max: Tensor,
-    dtype: torch.dtype,
-) -> Tensor:
+def _log_p_t(x: Tensor, target: Tensor, x_t: Tensor, p_t: Tensor, rest: Tensor, others_max: Tensor) -> Tensor:
     """``log p_t`` per row: ``log1p(-r)`` where ``r < 1/2`` (no cancellation where ``p_t`` nears 1),
-    ``log p_t`` where ``p_t`` is a normal number, and the log-softmax ``x_t - max_c x_c + log max_c p_c``
-    where it underflows (the row's largest probability is at least ``1/C``). On a CPU the row max is
-    taken for those rows alone (a host read there costs nothing); elsewhere for all (one pass)."""
+    ``log p_t`` where ``p_t`` is a normal number, and the log-softmax where it underflows: on a CPU of
+    those rows alone, elsewhere ``x_t - max_c x_c + log max_c p_c`` for all (one pass, no host read; the
+    row's largest probability is at least ``1/C``)."""
     log_p_t = torch.where(rest < 0.5, torch.log1p(-rest), torch.log(p_t))
-    underflow = p_t < torch.finfo(dtype).tiny
-    if x.device.type == "cpu":
-        rows = underflow.nonzero().squeeze(1)
-        if len(rows):
-            p_max = torch.maximum(p_t[rows], others_max[rows])  # dropped rows (zeroed) never underflow
-            log_p_t[rows] = x_t[rows] - x[rows].to(dtype).amax(-1) + p_max.log()
-        return log_p_t
-    log_softmax_t = x_t - x.to(dtype).amax(-1) + torch.maximum(p_t, others_max).log()
-    return torch.where(underflow, log_softmax_t, log_p_t)
+    if x.device.type == "cpu":  # dropped rows (zeroed: uniform probabilities) never underflow
+        return exact_where_underflow(log_p_t, p_t, x, target)
+    log_softmax_t = x_t - x.to(p_t.dtype).amax(-1) + torch.maximum(p_t, others_max).log()
+    return torch.where(p_t < torch.finfo(p_t.dtype).tiny, log_softmax_t, log_p_t)
 
 
 def _dropped_rows(keep: Tensor) -> Tensor | None:
