@@ -1,9 +1,10 @@
 r"""Cross-entropy over the last dimension, with masks, ignore_index, label smoothing and class weights.
 
-Eager calls go through a fused autograd function: the forward keeps no ``[N, C]`` tensor (it walks over
-blocks of rows, each small enough to stay in cache, computing their log-softmax and, for the module's
-accuracy, their argmax), and the backward writes the gradient :math:`g_i(a_i\,\mathrm{softmax}(x_i) -
-b_{i,c})` straight into one ``[N, C]`` tensor. ``F.cross_entropy`` allocates three (``log_softmax``'s
+Eager calls on a CPU go through a fused autograd function that makes one ``[N, C]`` tensor: it walks over
+blocks of rows, each small enough to stay in cache, writing each block's softmax straight into the
+tensor that becomes the gradient :math:`g_i(a_i\,\mathrm{softmax}(x_i) - b_{i,c})` (the backward scales
+its rows in place) and, for the module's accuracy, taking the block's largest other probability.
+``F.cross_entropy`` allocates three (``log_softmax``'s
 output, ``nll_loss``'s zero-filled gradient, ``log_softmax``'s gradient); on a CPU every fresh tensor of
 that size costs page faults, which is most of the time at ``[4096, 32768]``. Under ``torch.compile`` the
 plain ``F.cross_entropy`` path is traced instead (the compiler fuses it); logits below
@@ -137,11 +138,11 @@ class _CrossEntropy(torch.autograd.Function):
             if others_max is not None
             else torch.empty(0, dtype=torch.bool, device=x.device)
         )
-        x_t = x.gather(-1, target[:, None]).squeeze(-1)
         log_p_t = exact_where_underflow(torch.log(p_t), p_t, x, target)
         loss = -log_p_t if weight is None else weight[target] * -log_p_t
         if x_dot_w is not None:
             total_weight = classes if weight is None else weight.sum()
+            x_t = x.gather(-1, target[:, None]).squeeze(-1)
             smooth = (x_t - log_p_t) * total_weight - x_dot_w  # L Σ_c w_c - Σ_c w_c x_c
             loss = (1 - smoothing) * loss + (smoothing / classes) * smooth
         ctx.save_for_backward(x, target, weight, p_t)
@@ -234,8 +235,8 @@ def target_is_argmax(
     x: Tensor, target: Tensor | Callable[[Tensor], Tensor], x_t: Tensor, others_max: Tensor | None = None
 ) -> Tensor:
     """Whether ``argmax(x) == target`` per row of ``x [R, C]``, given each row's target value ``x_t`` and
-    largest other value ``others_max`` (or those of an order-keeping map of ``x``, such as its
-    log-softmax; found from ``x`` if None). On a CPU an ``amax`` costs a fraction of an ``argmax``,
+    largest other value ``others_max`` (or those of an order-keeping map of ``x``, such as its softmax;
+    found from ``x`` if None). On a CPU an ``amax`` costs a fraction of an ``argmax``,
     which decides only the tied rows (its first index wins); elsewhere ``argmax`` itself (no host read,
     no copy of ``x``). ``target`` may be a function from row indices to their targets, called only for
     the rows that need them (on a CPU with ``others_max`` given: the tied rows)."""

@@ -367,16 +367,16 @@ class _SoftmaxFocal(torch.autograd.Function):
     Returns ``(focal [R], log_p_t [R], hits [R] or empty)``; only ``focal`` is differentiable; ``hits``
     says whether the target is the row's ``argmax``. Each block of rows takes PyTorch's fused softmax
     kernel: :math:`r = 1 - p_t` is the sum of the other classes' probabilities (no cancellation where
-    :math:`p_t` rounds to 1), :math:`\log p_t = \log(1 - r)` where :math:`r < 1/2`, else :math:`x_t -
-    \max_c x_c + \log \max_c p_c` (the row's log-softmax, exact where :math:`p_t` underflows). With
+    :math:`p_t` rounds to 1), :math:`\log p_t = \log(1 - r)` where :math:`r < 1/2`, else :math:`\log p_t`
+    itself, or the row's log-softmax where :math:`p_t` underflows. With
     :math:`F = r^\gamma` and :math:`\ell = -F \log p_t`, the gradient is
     :math:`\partial\ell/\partial x_c = F\,(1 - \gamma\,p_t \log p_t / r)\,(p_c - [c = t])`, whose target
     entry is written as :math:`-(\ldots)\,r`, with :math:`p_t\log p_t/r \to -1` at :math:`r = 0` and
     :math:`\to 0` at :math:`p_t = 0`: finite for every :math:`\gamma \ge 0`. The probabilities (target
-    entry zeroed) are kept from the forward pass in the one ``[R, C]`` tensor the gradient becomes; the
-    first backward scales each row in place, a second one recomputes them. On a CPU ``hits`` compares
-    :math:`x_t` with the largest other logit (``amax``: a fraction of an ``argmax``'s cost), ``argmax``
-    deciding only tied rows.
+    entry zeroed) are written by the forward pass straight into the one ``[R, C]`` tensor the gradient
+    becomes; the first backward scales each row in place, a second one recomputes them. On a CPU
+    ``hits`` compares :math:`p_t` with the largest other probability (``amax``: a fraction of an
+    ``argmax``'s cost; softmax keeps the order), ``argmax`` of the logits deciding only tied rows.
     """
 
     @staticmethod
