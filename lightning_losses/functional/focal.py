@@ -410,7 +410,7 @@ class _SoftmaxFocal(torch.autograd.Function):
             torch.amax(p, -1, out=others_max[block])
             if grad is not None and not in_grad:
                 _write_block(grad, block, p)
-        log_p_t = _log_p_t(x, target, x_t, p_t, rest, others_max)
+        log_p_t = _log_p_t(x, target, x_t, p_t, rest, others_max, x.device.type == "cpu")
         # softmax keeps the logits' order (ties aside): the largest other probability decides, for all
         # rows at once (per block, the few small ops would cost more than the block's work at 8 rows)
         hits = (
@@ -450,13 +450,21 @@ class _SoftmaxFocal(torch.autograd.Function):
         return (grad, *(None,) * 6)
 
 
-def _log_p_t(x: Tensor, target: Tensor, x_t: Tensor, p_t: Tensor, rest: Tensor, others_max: Tensor) -> Tensor:
+def _log_p_t(
+    x: Tensor,
+    target: Tensor,
+    x_t: Tensor,
+    p_t: Tensor,
+    rest: Tensor,
+    others_max: Tensor,
+    host_reads: bool,
+) -> Tensor:
     """``log p_t`` per row: ``log1p(-r)`` where ``r < 1/2`` (no cancellation where ``p_t`` nears 1),
-    ``log p_t`` where ``p_t`` is a normal number, and the log-softmax where it underflows: on a CPU of
-    those rows alone, elsewhere ``x_t - max_c x_c + log max_c p_c`` for all (one pass, no host read; the
-    row's largest probability is at least ``1/C``)."""
+    ``log p_t`` where ``p_t`` is a normal number, and the log-softmax where it underflows: with
+    ``host_reads`` (a CPU) of those rows alone, else ``x_t - max_c x_c + log max_c p_c`` for all (one
+    pass, no host read; the row's largest probability is at least ``1/C``)."""
     log_p_t = torch.where(rest < 0.5, torch.log1p(-rest), torch.log(p_t))
-    if x.device.type == "cpu":  # dropped rows (zeroed: uniform probabilities) never underflow
+    if host_reads:  # dropped rows (zeroed: uniform probabilities) never underflow
         return exact_where_underflow(log_p_t, p_t, x, target)
     log_softmax_t = x_t - x.to(p_t.dtype).amax(-1) + torch.maximum(p_t, others_max).log()
     return torch.where(p_t < torch.finfo(p_t.dtype).tiny, log_softmax_t, log_p_t)

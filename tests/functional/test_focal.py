@@ -710,3 +710,21 @@ def test_focal_config_trains_on_digits(tmp_path):
     metrics = cli.trainer.callback_metrics
     assert metrics["val/accuracy"] > 0.8 and metrics["val/macro_f1"] > 0.8
     assert 0 < metrics["val/p_t"] < 1
+
+
+@pytest.mark.parametrize("host_reads", [True, False])
+def test_log_p_t_is_exact_near_one_and_where_p_t_underflows(host_reads):
+    """Both ways of finding log p_t (the CPU's, which recomputes the underflowing rows alone, and the
+    host-read-free one a GPU takes) equal the fp64 log-softmax: p_t near 1, in between, underflowing."""
+    from lightning_losses.functional.focal import _log_p_t
+
+    x = torch.tensor([[30.0, 0.0, 0.0], [1.0, 2.0, 0.5], [0.0, 150.0, 3.0], [-120.0, 0.0, 60.0]])
+    target = torch.tensor([0, 0, 0, 0])
+    p = torch.softmax(x, -1)
+    p_t = p.gather(-1, target[:, None]).squeeze(-1)
+    others = p.scatter(-1, target[:, None], 0.0)
+    assert (p_t[2:] == 0).all()  # e^-150 and e^-180 underflow in fp32
+    log_p_t = _log_p_t(x, target, x[:, 0], p_t, others.sum(-1), others.amax(-1), host_reads)
+    expected = torch.log_softmax(x.double(), -1)[:, 0]
+    # relative, also near 0 (log(p_t) there would be 0); fp32 softmax tails hold ~3 digits at e^-30
+    torch.testing.assert_close(log_p_t.double(), expected, rtol=1e-2, atol=0.0)
