@@ -56,9 +56,9 @@ Non-finite losses and gradients (``nan_policy``)
 Checked once per optimizer step, after the backward pass: a non-finite training loss (any batch of an
 ``accumulate_grad_batches`` window, any micro-batch) or a non-finite gradient (even with a finite
 loss: e.g. ``sqrt`` at 0). The losses and the gradients' norms (one fused ``torch._foreach_norm`` over
-the optimizer's gradients) are stacked, summed over ranks in one all-reduce and read in one host read:
-NaN and ±inf propagate through the sums, and every rank takes the same branch (an exact element-wise
-check runs only when one is not finite). ``"raise"``:
+the optimizer's gradients) are stacked (on several ranks, summed and all-reduced) and read in one host
+read: NaN and ±inf propagate through the sums, and every rank takes the same branch (an exact
+element-wise check runs only when a value is not finite). ``"raise"``:
 ``FloatingPointError`` on every rank. ``"skip"``: the gradients are
 discarded and the optimizer step is not taken (weights and optimizer state untouched; Lightning still
 counts it in ``global_step``, and in automatic optimization a per-step LR scheduler still steps),
@@ -488,11 +488,12 @@ class LossModule(pl.LightningModule):
         """The one host read per optimizer step; applies ``nan_policy`` (raise, or zero the gradients).
 
         The values read are this step's losses and each gradient's L2 norm (one fused
-        ``torch._foreach_norm`` over the optimizer's gradients), stacked and summed over ranks
-        position by position: NaN and ±inf propagate through the sums, so they are all finite whenever
-        every loss and gradient on every rank is; when one is not, an exact element-wise diagnosis
-        decides (finite values whose squares or sum overflowed are then found finite, and the step is
-        taken). One ``tolist`` reads them all (on this CPU a sum and an ``item`` are one op more)."""
+        ``torch._foreach_norm`` over the optimizer's gradients), stacked; on several ranks their sum,
+        summed over ranks. NaN and ±inf propagate through norms and sums, so the values are all finite
+        whenever every loss and gradient on every rank is; when one is not, an exact element-wise
+        diagnosis decides (finite values whose squares or sums overflowed are then found finite, and
+        the step is taken). One ``tolist`` reads them (in one process a sum and an ``item`` would be one
+        op more)."""
         if self.nan_policy == "ignore":
             return True
         grads = self._gradients(optimizer)
@@ -501,11 +502,13 @@ class LossModule(pl.LightningModule):
         parts = [*torch._foreach_norm(grads), *losses] if grads else losses
         if not parts:
             return True
-        values = self._all_reduce_sum(torch.stack(parts)).tolist()  # torch.stack promotes mixed dtypes
-        if all(map(math.isfinite, values)):  # the one host read per step: every rank reads the same
+        check = torch.stack(parts)  # torch.stack promotes mixed dtypes
+        if self._world_size() > 1:  # one sum over ranks: their numbers of gradients need not agree
+            check = self._all_reduce_sum(check.sum()).reshape(1)
+        if all(map(math.isfinite, check.tolist())):  # the one host read per step, the same on every rank
             return True
         loss_ranks, grad_ranks = self._nonfinite_ranks(losses, optimizer).tolist()
-        if loss_ranks == 0 and grad_ranks == 0:  # finite values whose square sums or rank sums overflowed
+        if loss_ranks == 0 and grad_ranks == 0:  # finite values whose squares or sums overflowed
             return True
         self._report_non_finite(int(loss_ranks), int(grad_ranks), optimizer)
         self.skipped_steps += 1
