@@ -40,6 +40,7 @@ __all__ = [
     "per_row_cross_entropy",
     "row_blocks",
     "target_is_argmax",
+    "target_zeroed_softmax",
     "valid_mask",
 ]
 
@@ -128,7 +129,7 @@ class _CrossEntropy(torch.autograd.Function):
         x_dot_w = torch.empty_like(p_t) if smoothing > 0 else None  # Σ_c w_c x_ic
         for block in row_blocks(rows, classes, x.device):
             xb = x[block]
-            p = _probabilities(xb, target[block, None], p_t[block, None], grad, block)
+            p = target_zeroed_softmax(xb, target[block, None], p_t[block, None], grad, block)
             if others_max is not None:
                 torch.amax(p, -1, out=others_max[block])
             if x_dot_w is not None:
@@ -171,7 +172,7 @@ class _CrossEntropy(torch.autograd.Function):
             grad = torch.empty_like(x)
         for block in row_blocks(*x.shape, x.device):
             if recompute:
-                _probabilities(x[block], target[block, None], None, grad, block)
+                target_zeroed_softmax(x[block], target[block, None], None, grad, block)
             gb = grad[block].mul_(scale[block, None])
             if smoothing > 0:
                 if weight is None:
@@ -200,11 +201,12 @@ def _needs_grad(x: Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
-def _probabilities(
+def target_zeroed_softmax(
     xb: Tensor, index: Tensor, p_t: Tensor | None, grad: Tensor | None, block: slice
 ) -> Tensor:
-    """A block's softmax, written into ``grad[block]`` when there is one, its target entries (``index
-    [rows, 1]``) stored in ``p_t`` (if given) and then zeroed."""
+    """A block's softmax, written into ``grad[block]`` when there is one (of ``xb``'s dtype), its target
+    entries (``index [rows, 1]``) stored in ``p_t`` (if given) and then zeroed: what the fused
+    cross-entropy and focal blocks keep of each block."""
     p = torch.softmax(xb, dim=-1) if grad is None else torch.softmax(xb, dim=-1, out=grad[block])
     if p_t is not None:
         torch.gather(p, -1, index, out=p_t)

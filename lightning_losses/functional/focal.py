@@ -25,6 +25,7 @@ from lightning_losses.functional.cross_entropy import (
     fused_path,
     row_blocks,
     target_is_argmax,
+    target_zeroed_softmax,
     valid_mask,
 )
 from lightning_losses.protocol import (
@@ -391,26 +392,19 @@ class _SoftmaxFocal(torch.autograd.Function):
         need_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         rows = len(x)
-        index = target[:, None]
-        x_t = x.gather(-1, index).squeeze(-1).to(dtype)
         # per row: r = 1 - p_t, p_t and the largest other probability
         rest, p_t, others_max = (torch.empty(rows, dtype=dtype, device=x.device) for _ in range(3))
         dropped = _dropped_rows(keep)
-        if dropped is not None:
-            x_t = torch.where(keep, x_t, 0.0)
         grad = torch.empty_like(x) if need_grad else None
-        in_grad = grad is not None and grad.dtype == dtype  # the softmax written straight into it
+        in_grad = grad if grad is not None and grad.dtype == dtype else None  # the softmax written into it
         for block in row_blocks(*x.shape, x.device):
             xb = _kept_rows(x[block], dropped, block, dtype)
-            ib = index[block]
-            p = torch.softmax(xb, dim=-1, out=grad[block]) if in_grad else torch.softmax(xb, dim=-1)
-            torch.gather(p, -1, ib, out=p_t[block, None])
-            p.scatter_(-1, ib, 0.0)
+            p = target_zeroed_softmax(xb, target[block, None], p_t[block, None], in_grad, block)
             torch.sum(p, -1, out=rest[block])
             torch.amax(p, -1, out=others_max[block])
-            if grad is not None and not in_grad:
+            if grad is not None and in_grad is None:
                 _write_block(grad, block, p)
-        log_p_t = _log_p_t(x, target, x_t, p_t, rest, others_max, x.device.type == "cpu")
+        log_p_t = _log_p_t(x, target, p_t, rest, others_max, x.device.type == "cpu")
         # softmax keeps the logits' order (ties aside): the largest other probability decides, for all
         # rows at once (per block, the few small ops would cost more than the block's work at 8 rows)
         hits = (
@@ -439,10 +433,11 @@ class _SoftmaxFocal(torch.autograd.Function):
         dropped = ctx.dropped
         if grad is None:  # a second backward through the graph (retain_graph=True), or no grad mode
             grad = torch.empty_like(x)
+            in_grad = grad if grad.dtype == ctx.dtype else None
             for block in row_blocks(*x.shape, x.device):
                 xb = _kept_rows(x[block], dropped, block, ctx.dtype)
-                p = torch.softmax(xb, dim=-1).scatter_(-1, target[block, None], 0.0)
-                _write_block(grad, block, p)
+                p = target_zeroed_softmax(xb, target[block, None], None, in_grad, block)
+                _write_block(grad, block, p)  # a no-op where p is written in grad already
         grad.mul_(scale[:, None].to(grad.dtype))
         grad.scatter_(-1, target[:, None], (-scale * rest)[:, None].to(grad.dtype))
         if dropped is None:  # rows that do not count were not zeroed: their NaN · 0 is cleared here
@@ -451,13 +446,7 @@ class _SoftmaxFocal(torch.autograd.Function):
 
 
 def _log_p_t(
-    x: Tensor,
-    target: Tensor,
-    x_t: Tensor,
-    p_t: Tensor,
-    rest: Tensor,
-    others_max: Tensor,
-    host_reads: bool,
+    x: Tensor, target: Tensor, p_t: Tensor, rest: Tensor, others_max: Tensor, host_reads: bool
 ) -> Tensor:
     """``log p_t`` per row: ``log1p(-r)`` where ``r < 1/2`` (no cancellation where ``p_t`` nears 1),
     ``log p_t`` where ``p_t`` is a normal number, and the log-softmax where it underflows: with
@@ -466,6 +455,7 @@ def _log_p_t(
     log_p_t = torch.where(rest < 0.5, torch.log1p(-rest), torch.log(p_t))
     if host_reads:  # dropped rows (zeroed: uniform probabilities) never underflow
         return exact_where_underflow(log_p_t, p_t, x, target)
+    x_t = x.gather(-1, target[:, None]).squeeze(-1).to(p_t.dtype)
     log_softmax_t = x_t - x.to(p_t.dtype).amax(-1) + torch.maximum(p_t, others_max).log()
     return torch.where(p_t < torch.finfo(p_t.dtype).tiny, log_softmax_t, log_p_t)
 
