@@ -30,8 +30,11 @@ each variant's median steps per second, its overhead
 ratios to ``hand_written`` (each repeat's runs are neighbours in time); and the same ratio of the medians
 of the process's CPU time per step (``time.process_time``; one torch thread, data loaded in the main
 process), which a busy machine disturbs less than wall time, as time spent waiting for a core is left out;
-and the ratio of the medians over repeats of each run's fastest epoch, which a burst of load on the
-machine (several seconds of it slowed whole runs here) disturbs least.
+the ratio of the medians over repeats of each run's fastest epoch, which a burst of load on the
+machine (several seconds of it slowed whole runs here) disturbs less; and the median over repeats of the
+paired ratios of each run's 10th-percentile step (the time from one ``on_train_batch_start`` to the next:
+a whole loop iteration), which a short burst of load does not reach at all: load only adds time to a
+step, so the fast steps of a run are the ones it left alone.
 
 ``--profile`` then runs each variant once more under ``cProfile`` and prints, by cumulative time, the
 library's functions and Lightning's ``log`` (call counts show how many ``self.log`` calls a step makes).
@@ -43,6 +46,7 @@ import argparse
 import cProfile
 import functools
 import io
+import itertools
 import json
 import logging
 import pstats
@@ -91,16 +95,22 @@ class HandWrittenModule(pl.LightningModule):
 
 
 class _EpochTimer(pl.Callback):
-    """Wall time, CPU time of this process and number of steps of every training epoch."""
+    """Wall time, CPU time of this process and number of steps of every training epoch, and the start
+    time of each of its steps."""
 
     def __init__(self) -> None:
         self.epochs: list[tuple[float, float, int]] = []
+        self.step_starts: list[list[float]] = []  # per epoch
         self._start = (0.0, 0.0)
         self._steps = 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._steps = 0
+        self.step_starts.append([])
         self._start = (time.perf_counter(), time.process_time())
+
+    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self.step_starts[-1].append(time.perf_counter())
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         self._steps += 1
@@ -164,10 +174,16 @@ def time_fit(
     measured = timer.epochs[warmup_epochs:]
     epoch_step_times = [seconds / steps for seconds, _, steps in measured]
     step_time = statistics.median(epoch_step_times)
+    # one whole loop iteration each (data, step, logging, callbacks); the last step of an epoch is left
+    # out, as its interval would hold the epoch's end
+    intervals = sorted(
+        b - a for starts in timer.step_starts[warmup_epochs:] for a, b in itertools.pairwise(starts)
+    )
     return {
         "variant": variant,
         "step_time_s": step_time,
         "fastest_epoch_step_time_s": min(epoch_step_times),
+        "p10_step_time_s": intervals[len(intervals) // 10] if intervals else step_time,
         "steps_per_s": 1 / step_time,
         "step_cpu_time_s": statistics.median(cpu / steps for _, cpu, steps in measured),
         "steps": sum(steps for _, _, steps in measured),
@@ -207,6 +223,8 @@ def run_benchmark(
         v: statistics.median(r["fastest_epoch_step_time_s"] for r in runs if r["variant"] == v)
         for v in VARIANTS
     }
+    p10_of = {(r["repeat"], r["variant"]): r["p10_step_time_s"] for r in runs}
+    p10_paired = {v: [p10_of[i, v] / p10_of[i, "hand_written"] for i in range(repeats)] for v in VARIANTS[1:]}
     return {
         "config": {
             "epochs": epochs,
@@ -231,6 +249,7 @@ def run_benchmark(
         "median_fastest_epoch_step_time_s": fastest,
         "fastest_epoch_overhead": {v: fastest[v] / fastest["hand_written"] - 1.0 for v in VARIANTS[1:]},
         "cpu_overhead": {v: cpu_time[v] / cpu_time["hand_written"] - 1.0 for v in VARIANTS[1:]},
+        "paired_p10_overhead": {v: statistics.median(ratios) - 1.0 for v, ratios in p10_paired.items()},
     }
 
 
@@ -256,7 +275,9 @@ def format_table(report: dict[str, Any]) -> str:
             f"{variant} / hand_written - 1: {report['overhead'][variant]:+.1%} (ratio of median wall "
             f"times), {report['paired_overhead'][variant]:+.1%} (median of paired ratios), "
             f"{report['cpu_overhead'][variant]:+.1%} (ratio of median CPU times), "
-            f"{report['fastest_epoch_overhead'][variant]:+.1%} (ratio of median fastest epochs)"
+            f"{report['fastest_epoch_overhead'][variant]:+.1%} (ratio of median fastest epochs), "
+            f"{report['paired_p10_overhead'][variant]:+.1%} (median of paired ratios of 10th-percentile "
+            "steps)"
         )
     return "\n".join(lines)
 

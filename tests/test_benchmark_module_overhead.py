@@ -27,12 +27,13 @@ def test_tiny_run_reports_every_variant(tmp_path, capsys):
         assert run["steps"] == 5  # ceil(1257 / 256) steps in the one measured epoch
         assert run["step_time_s"] > 0 and math.isclose(run["steps_per_s"] * run["step_time_s"], 1.0)
         assert 0 < run["fastest_epoch_step_time_s"] <= run["step_time_s"]
+        assert 0 < run["p10_step_time_s"] <= run["step_time_s"] * 1.5  # an epoch of 5 steps: 4 intervals
     # the same seed, data order and arithmetic: every variant trains to the same loss
     losses = {r["variant"]: r["final_loss"] for r in report["runs"] if r["repeat"] == 0}
     assert losses["loss_module"] == pytest.approx(losses["hand_written"], rel=1e-6)
     assert losses["loss_logger"] == pytest.approx(losses["hand_written"], rel=1e-6)
     assert set(report["overhead"]) == set(report["paired_overhead"]) == set(VARIANTS[1:])
-    assert set(report["fastest_epoch_overhead"]) == set(VARIANTS[1:])
+    assert set(report["fastest_epoch_overhead"]) == set(report["paired_p10_overhead"]) == set(VARIANTS[1:])
     for variant in VARIANTS:
         assert variant in printed
     assert "loss_module / hand_written - 1" in printed
