@@ -63,11 +63,16 @@ element-wise check runs only when a value is not finite). ``"raise"``:
 discarded and the optimizer step is not taken (weights and optimizer state untouched; Lightning still
 counts it in ``global_step``, and in automatic optimization a per-step LR scheduler still steps),
 ``train/skipped_steps`` counts such steps; a non-finite loss is logged as 0 with weight 0, so it stays
-out of the epoch means (task metrics still see the step's predictions). ``"warn"``: like ``"skip"``
-and a warning. Under ``precision="16-mixed"`` the gradient scaler already skips steps with inf/NaN
-gradients (and lowers its scale): only losses are checked there. ``"ignore"``: no check and no host read
-(a NaN reaches the weights); on a GPU the read is a sync: the host waits for the device to finish the
-step before it queues the next one.
+out of the epoch means (task metrics still see the step's predictions). With a fused ``torch.optim.Adam``
+/ ``AdamW`` (``fused=True``; without ``micro_batch_size`` or a ``16-mixed`` scaler) ``"skip"`` reads
+nothing: the check becomes the optimizer's ``found_inf``, as a gradient scaler's result does, and its
+kernel skips the step on the device (a sum of finite values that overflows skips it too, and
+``on_before_optimizer_step`` hooks see the step's gradients: a gradient-norm callback logs a non-finite norm).
+Fused SGD is not used so: its kernel's skip of a first step leaves the momentum buffer uninitialized.
+``"warn"``: like ``"skip"`` and a warning. Under ``precision="16-mixed"`` the gradient scaler already
+skips steps with inf/NaN gradients (and lowers its scale): only losses are checked there.
+``"ignore"``: no check and no host read (a NaN reaches the weights); on a GPU the read is a sync: the
+host waits for the device to finish the step before it queues the next one.
 """
 
 from __future__ import annotations
@@ -99,6 +104,9 @@ __all__ = ["LossModule"]
 Stage = Literal["train", "val", "test"]
 _STAGES: tuple[Stage, ...] = ("train", "val", "test")
 _MODULE_ARGUMENTS = ["model", "loss", "optimizer", "lr_scheduler", "metrics"]
+# Their fused kernels leave weights and state untouched when the optimizer's `found_inf` is 1 (what
+# GradScaler sets). Fused SGD does not: a skipped first step leaves its momentum buffer uninitialized.
+_SKIP_ON_DEVICE = (torch.optim.Adam, torch.optim.AdamW)
 
 
 class LossModule(pl.LightningModule):
@@ -119,8 +127,8 @@ class LossModule(pl.LightningModule):
         batch_keys: names of the elements of a tuple/list batch.
         preds_key / target_key: where the task metrics read predictions and targets.
         nan_policy: what a non-finite training loss or gradient does: ``"raise"``, ``"skip"`` (no
-            optimizer step), ``"warn"`` (skip and warn) or ``"ignore"`` (no check, no host read per
-            step); see the module docstring.
+            optimizer step; no host read either with a fused Adam/AdamW), ``"warn"`` (skip and warn) or
+            ``"ignore"`` (no check, no host read per step); see the module docstring.
         lr_scheduler_interval / lr_scheduler_monitor: how Lightning steps the scheduler.
         upcast_inputs: cast fp16/bf16 floating loss inputs to float32.
         micro_batch_size: split each loaded training batch into micro-batches of this many rows and take
@@ -484,28 +492,54 @@ class LossModule(pl.LightningModule):
         grad_flag = float(any(not bool(torch.isfinite(g).all()) for g in self._gradients(optimizer)))
         return self._all_reduce_sum(torch.tensor([loss_flag, grad_flag], device=self.device))
 
-    def _step_is_finite(self, optimizer: Any) -> bool:
-        """The one host read per optimizer step; applies ``nan_policy`` (raise, or zero the gradients).
-
-        The values read are this step's losses and each gradient's L2 norm (one fused
-        ``torch._foreach_norm`` over the optimizer's gradients), stacked; on several ranks their sum,
-        summed over ranks. NaN and ±inf propagate through norms and sums, so the values are all finite
-        whenever every loss and gradient on every rank is; when one is not, an exact element-wise
-        diagnosis decides (finite values whose squares or sums overflowed are then found finite, and
-        the step is taken). One ``tolist`` reads them (in one process a sum and an ``item`` would be one
-        op more)."""
-        if self.nan_policy == "ignore":
-            return True
-        grads = self._gradients(optimizer)
+    def _take_unchecked_losses(self) -> list[Tensor]:
         losses = self._unchecked_losses.copy()
         self._unchecked_losses.clear()
+        return losses
+
+    def _check_values(self, losses: list[Tensor], optimizer: Any) -> Tensor | None:
+        """``losses`` and the gradients' L2 norms (one fused ``torch._foreach_norm`` over the optimizer's
+        gradients), stacked; on several ranks their sum, summed over ranks. NaN and ±inf propagate
+        through norms and sums, so the values are all finite whenever every loss and gradient on every
+        rank is (and not when a square or a sum of finite values overflowed). None: nothing to check."""
+        grads = self._gradients(optimizer)
         parts = [*torch._foreach_norm(grads), *losses] if grads else losses
         if not parts:
-            return True
+            return None
         check = torch.stack(parts)  # torch.stack promotes mixed dtypes
         if self._world_size() > 1:  # one sum over ranks: their numbers of gradients need not agree
             check = self._all_reduce_sum(check.sum()).reshape(1)
-        if all(map(math.isfinite, check.tolist())):  # the one host read per step, the same on every rank
+        return check
+
+    def _found_inf_on_device(self, optimizer: Any) -> Tensor | None:
+        """``nan_policy="skip"`` with a fused ``Adam`` / ``AdamW`` (``fused=True``, no gradient scaler):
+        the optimizer's ``found_inf``, 1.0 when :meth:`_check_values` holds a non-finite value, else 0.0,
+        made on the device, so the step's skip is decided by the fused kernel with no host read. None
+        otherwise (the host check decides)."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+        if (
+            self.nan_policy != "skip"
+            or type(inner) not in _SKIP_ON_DEVICE
+            or not all(group.get("fused") for group in inner.param_groups)
+            or getattr(self._trainer.precision_plugin, "scaler", None) is not None  # it sets found_inf
+        ):
+            return None
+        check = self._check_values(self._take_unchecked_losses(), optimizer)
+        if check is None:
+            return torch.zeros((), device=self.device)
+        return torch.isfinite(check).all().logical_not_().to(torch.float32)
+
+    def _step_is_finite(self, optimizer: Any) -> bool:
+        """The one host read per optimizer step; applies ``nan_policy`` (raise, or zero the gradients).
+
+        One ``tolist`` reads :meth:`_check_values` (in one process a sum and an ``item`` would be one op
+        more). When a value is not finite, an exact element-wise diagnosis decides: finite values whose
+        squares or sums overflowed are then found finite, and the step is taken."""
+        if self.nan_policy == "ignore":
+            return True
+        losses = self._take_unchecked_losses()
+        check = self._check_values(losses, optimizer)
+        if check is None or all(map(math.isfinite, check.tolist())):  # one host read, alike on every rank
             return True
         loss_ranks, grad_ranks = self._nonfinite_ranks(losses, optimizer).tolist()
         if loss_ranks == 0 and grad_ranks == 0:  # finite values whose squares or sums overflowed
@@ -608,7 +642,16 @@ class LossModule(pl.LightningModule):
         if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         result = optimizer_closure()  # forward + backward of the last batch of the window
-        if self._step_is_finite(optimizer):  # the one host read per step
+        found_inf = self._found_inf_on_device(optimizer)
+        if found_inf is not None:  # the fused kernel skips the step when found_inf is 1: no host read
+            inner = getattr(optimizer, "optimizer", optimizer)
+            inner.found_inf = found_inf
+            try:
+                optimizer.step(closure=lambda: result)
+            finally:
+                del inner.found_inf
+            self.skipped_steps.add_(found_inf.to(self.skipped_steps.dtype))
+        elif self._step_is_finite(optimizer):  # the one host read per step
             optimizer.step(closure=lambda: result)  # the precision plugin unscales, clips, steps
         if self._skips_steps:
             self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)

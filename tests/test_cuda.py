@@ -15,8 +15,12 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import Callback
+from torch.utils.data import DataLoader
 
+from lightning_losses import LossModule
+from tests.helpers import TokenSquaredError, quiet_trainer
 from tests.reliability.test_bf16_configs import CONFIGS, PREREQUISITES, assert_finite_run, short_fit
+from tests.reliability.test_nan_ddp import FUSED_ADAMW, InfGradRegressor, batches, poison
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -43,6 +47,31 @@ class NoHostSyncInStep(Callback):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class NoHostSyncInWholeStep(NoHostSyncInStep):
+    """Like ``NoHostSyncInStep``, up to the end of the batch: the optimizer step included."""
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        pass
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self.checked_steps += 1
+
+
+def test_skip_policy_with_fused_adamw_makes_no_sync_in_a_whole_step():
+    """``nan_policy="skip"`` with a fused AdamW skips on the device: no sync, faulty steps included."""
+    data = batches(4)
+    data[1] = poison(data[1])  # an inf gradient under a finite loss
+    torch.manual_seed(0)
+    module = LossModule(InfGradRegressor(), TokenSquaredError(), optimizer=FUSED_ADAMW, nan_policy="skip")
+    no_sync = NoHostSyncInWholeStep()
+    quiet_trainer(accelerator="gpu", max_steps=4, callbacks=[no_sync]).fit(
+        module, DataLoader(data, batch_size=None)
+    )
+    assert no_sync.devices == {"cuda"} and no_sync.checked_steps == 4
+    assert int(module.skipped_steps) == 1 and torch.isfinite(module.model.linear.weight).all()
 
 
 @pytest.fixture(scope="module")

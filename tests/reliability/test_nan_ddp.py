@@ -33,6 +33,8 @@ from tests.helpers import (
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 ADAMW = functools.partial(torch.optim.AdamW, lr=0.05)
+# nan_policy="skip" hands the check to its kernel as `found_inf`: skipped on the device, no host read
+FUSED_ADAMW = functools.partial(torch.optim.AdamW, lr=0.05, fused=True)
 
 
 class SqrtResidualLoss(torch.nn.Module):
@@ -100,12 +102,13 @@ def poison(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return batch | {"poison": torch.tensor(True)}
 
 
-def test_nonfinite_gradient_with_finite_loss_skip_takes_no_step():
+@pytest.mark.parametrize("optimizer", [ADAMW, FUSED_ADAMW], ids=["host_check", "fused_on_device"])
+def test_nonfinite_gradient_with_finite_loss_skip_takes_no_step(optimizer):
     data = batches(3)
     data[1] = poison(data[1])  # InfGradRegressor: an inf gradient at step 1, the loss stays finite
     snapshots = Snapshots()
     torch.manual_seed(0)
-    module = LossModule(InfGradRegressor(), TokenSquaredError(), optimizer=ADAMW, nan_policy="skip")
+    module = LossModule(InfGradRegressor(), TokenSquaredError(), optimizer=optimizer, nan_policy="skip")
     trainer = quiet_trainer(max_steps=3, callbacks=[snapshots])
     trainer.fit(module, DataLoader(data, batch_size=None))
     assert module.skipped_steps.item() == 1
@@ -143,8 +146,9 @@ def test_nonfinite_gradient_warn():
     assert module.skipped_steps.item() == 1 and torch.isfinite(module.model.linear.weight).all()
 
 
+@pytest.mark.parametrize("optimizer", [SGD, FUSED_ADAMW], ids=["host_check", "fused_on_device"])
 @pytest.mark.parametrize("fault", ["loss", "gradient"])
-def test_accumulation_window_with_a_fault_in_its_first_batch_is_skipped_whole(fault):
+def test_accumulation_window_with_a_fault_in_its_first_batch_is_skipped_whole(fault, optimizer):
     """A fault in the first batch of an ``accumulate_grad_batches=2`` window is caught at the window's
     optimizer step (the loss flags are kept until then); the clean windows match a clean run's."""
     data = batches(6)
@@ -154,7 +158,7 @@ def test_accumulation_window_with_a_fault_in_its_first_batch_is_skipped_whole(fa
     else:  # inf gradient, finite loss
         loss, model = TokenSquaredError(), InfGradRegressor
     torch.manual_seed(0)
-    module = LossModule(model(), loss, optimizer=SGD, nan_policy="skip")
+    module = LossModule(model(), loss, optimizer=optimizer, nan_policy="skip")
     snapshots = Snapshots()
     trainer = quiet_trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[snapshots])
     trainer.fit(module, DataLoader(data, batch_size=None))
@@ -164,7 +168,7 @@ def test_accumulation_window_with_a_fault_in_its_first_batch_is_skipped_whole(fa
 
     # reference: the same run without the faulty window equals it step for step
     torch.manual_seed(0)
-    clean = LossModule(model(), loss, optimizer=SGD, nan_policy="skip")
+    clean = LossModule(model(), loss, optimizer=optimizer, nan_policy="skip")
     clean_data = data[:2] + data[4:]
     quiet_trainer(max_epochs=1, accumulate_grad_batches=2).fit(clean, DataLoader(clean_data, batch_size=None))
     assert torch.equal(clean.model.linear.weight, module.model.linear.weight)
@@ -184,33 +188,64 @@ def test_micro_batches_with_a_gradient_fault_in_one_micro_batch_skip():
     assert torch.isfinite(snapshots.weights[2]).all()
 
 
-@pytest.mark.parametrize(("nan_policy", "reads_per_step"), [("skip", 1), ("ignore", 0)])
-def test_clean_steps_read_the_host_once_per_step(monkeypatch, nan_policy, reads_per_step):
-    """The finite check costs one host read per optimizer step (none with ``nan_policy="ignore"``): count
-    every read of a tensor's value."""
-    reads = {"n": 0}
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        original = getattr(torch.Tensor, name)
+FUSED_SGD = functools.partial(torch.optim.SGD, lr=0.1, fused=True)
 
-        def counted(self, *args, _original=original, **kwargs):
-            reads["n"] += 1
-            return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    trainer = quiet_trainer(max_steps=4)
-    module = LossModule(TokenRegressor(), TokenSquaredError(), optimizer=SGD, nan_policy=nan_policy)
-    baseline = {}
+class HostReads(pl.Callback):
+    """The number of reads of a tensor's value (``item``, ``tolist``, ``bool``, ...) in each training
+    batch, from its start to its end."""
 
-    class Count(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            baseline[batch_idx] = reads["n"]
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.total = 0
+        self.per_batch: dict[int, int] = {}
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            original = getattr(torch.Tensor, name)
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            baseline[batch_idx] = reads["n"] - baseline[batch_idx]
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.total += 1
+                return _original(tensor, *args, **kwargs)
 
-    trainer.callbacks.append(Count())
-    trainer.fit(module, DataLoader(batches(4), batch_size=None))
-    assert baseline == dict.fromkeys(range(4), reads_per_step), baseline
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.per_batch[batch_idx] = self.total
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.per_batch[batch_idx] = self.total - self.per_batch[batch_idx]
+
+
+@pytest.mark.parametrize(
+    ("nan_policy", "optimizer", "reads_per_step"),
+    [
+        ("skip", SGD, 1),
+        ("ignore", SGD, 0),
+        ("skip", FUSED_ADAMW, 0),
+        ("raise", FUSED_ADAMW, 1),
+        ("skip", FUSED_SGD, 1),  # its kernel's skip leaves a first step's momentum uninitialized
+    ],
+)
+def test_clean_steps_read_the_host_once_per_step(monkeypatch, nan_policy, optimizer, reads_per_step):
+    """The finite check costs one host read per optimizer step; none with ``nan_policy="ignore"``, or
+    with ``"skip"`` and a fused AdamW (its kernel skips)."""
+    reads = HostReads(monkeypatch)
+    module = LossModule(TokenRegressor(), TokenSquaredError(), optimizer=optimizer, nan_policy=nan_policy)
+    quiet_trainer(max_steps=4, callbacks=[reads]).fit(module, DataLoader(batches(4), batch_size=None))
+    assert reads.per_batch == dict.fromkeys(range(4), reads_per_step), reads.per_batch
+
+
+def test_fused_adamw_skips_faulty_steps_with_no_host_read(monkeypatch):
+    """A faulty step too is skipped on the device, and ``train/skipped_steps`` counts it there."""
+    data = batches(4)
+    data[1], data[2] = poison(data[1]), poison(data[2])
+    torch.manual_seed(0)
+    module = LossModule(InfGradRegressor(), TokenSquaredError(), optimizer=FUSED_ADAMW, nan_policy="skip")
+    reads = HostReads(monkeypatch)
+    trainer = quiet_trainer(max_steps=4, callbacks=[reads])
+    trainer.fit(module, DataLoader(data, batch_size=None))
+    assert reads.per_batch == dict.fromkeys(range(4), 0), reads.per_batch
+    assert int(module.skipped_steps) == 2 and float(trainer.callback_metrics["train/skipped_steps"]) == 2
+    assert {int(state["step"]) for state in trainer.optimizers[0].state.values()} == {2}
+    assert not hasattr(trainer.optimizers[0], "found_inf")  # removed after the step, as GradScaler does
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,9 +274,11 @@ class RecordingLossModule(LossModule):
             raise
 
 
-def ddp_fit(directory: Path, per_rank: list[list[dict]], model: torch.nn.Module, loss, **module_kwargs):
+def ddp_fit(
+    directory: Path, per_rank: list[list[dict]], model: torch.nn.Module, loss, optimizer=SGD, **module_kwargs
+):
     directory.mkdir(exist_ok=True)
-    module = RecordingLossModule(model, loss, optimizer=SGD, **module_kwargs)
+    module = RecordingLossModule(model, loss, optimizer=optimizer, **module_kwargs)
     module.record_directory = directory
     trainer = quiet_trainer(
         devices=2,
@@ -318,6 +355,24 @@ def test_ddp_loss_fault_on_one_rank_raise_stops_both_processes(tmp_path):
             PoisonableTokenLoss(),
         )
     assert_every_rank_stopped_with(tmp_path / "run", "non-finite training loss on 1 of 2 rank(s)")
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_ddp_loss_fault_on_one_rank_skip_on_device(tmp_path):
+    """A fused AdamW skips on the device: rank 1's NaN loss (finite gradients) reaches rank 0 only
+    through the all-reduced ``found_inf``, and both skip the step."""
+    torch.manual_seed(0)
+    ddp_fit(
+        tmp_path / "run",
+        poisoned_on_rank1(step=1),
+        TokenRegressor().double(),
+        PoisonableTokenLoss(),
+        optimizer=FUSED_ADAMW,
+        nan_policy="skip",
+    )
+    assert_ranks_identical_and_step_skipped(tmp_path / "run", skipped_batch=1)
 
 
 @pytest.mark.slow
