@@ -75,11 +75,12 @@ class HandWrittenModule(pl.LightningModule):
     """What a user would write by hand: model, ``torch.nn.CrossEntropyLoss``, one ``self.log``; with
     ``loss_logger=True`` a ``LossLogger`` logs instead."""
 
-    def __init__(self, model: nn.Module, lr: float, loss_logger: bool = False) -> None:
+    def __init__(self, model: nn.Module, lr: float, loss_logger: bool = False, fused: bool = False) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = nn.CrossEntropyLoss()
         self.lr = lr
+        self.fused = fused
         self.loss_logger = LossLogger() if loss_logger else None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -91,7 +92,7 @@ class HandWrittenModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, fused=self.fused)
 
 
 class _EpochTimer(pl.Callback):
@@ -120,14 +121,16 @@ class _EpochTimer(pl.Callback):
         self.epochs.append((time.perf_counter() - wall, time.process_time() - cpu, self._steps))
 
 
-def make_module(variant: str, hidden: int, lr: float, nan_policy: str = "raise") -> pl.LightningModule:
+def make_module(
+    variant: str, hidden: int, lr: float, nan_policy: str = "raise", fused: bool = False
+) -> pl.LightningModule:
     """A fresh module of ``variant`` (seed it first for equal initial weights); ``nan_policy`` is
-    ``LossModule``'s."""
+    ``LossModule``'s; ``fused``: every variant's AdamW is ``fused=True``."""
     model = MLP(64, 10, hidden=(hidden,))
     if variant in ("hand_written", "loss_logger"):
-        return HandWrittenModule(model, lr, loss_logger=variant == "loss_logger")
+        return HandWrittenModule(model, lr, loss_logger=variant == "loss_logger", fused=fused)
     if variant == "loss_module":
-        optimizer = functools.partial(torch.optim.AdamW, lr=lr)
+        optimizer = functools.partial(torch.optim.AdamW, lr=lr, fused=fused)
         return LossModule(
             model,
             nn.CrossEntropyLoss(),
@@ -162,12 +165,13 @@ def time_fit(
     lr: float,
     device: str,
     nan_policy: str = "raise",
+    fused: bool = False,
 ) -> dict[str, Any]:
     """One training run of ``variant``: its seconds per step after the warm-up epochs and final loss."""
     if not 0 <= warmup_epochs < epochs:
         raise ValueError(f"`warmup_epochs` must be in [0, epochs), got {warmup_epochs} with epochs={epochs}")
     pl.seed_everything(0, verbose=False)
-    module = make_module(variant, hidden, lr, nan_policy)
+    module = make_module(variant, hidden, lr, nan_policy, fused)
     timer = _EpochTimer()
     trainer = _trainer(epochs, device, [timer])
     trainer.fit(module, datamodule=data)
@@ -200,6 +204,7 @@ def run_benchmark(
     lr: float = 3e-3,
     device: str = "cpu",
     nan_policy: str = "raise",
+    fused: bool = False,
 ) -> dict[str, Any]:
     """Interleaved repeats of every variant; medians and overhead ratios."""
     if repeats < 1:
@@ -211,7 +216,7 @@ def run_benchmark(
         shift = repeat % len(VARIANTS)
         order = VARIANTS[shift:] + VARIANTS[:shift]
         for variant in order:
-            run = time_fit(variant, data, epochs, warmup_epochs, hidden, lr, device, nan_policy)
+            run = time_fit(variant, data, epochs, warmup_epochs, hidden, lr, device, nan_policy, fused)
             runs.append({"repeat": repeat, **run})
     step_time = {v: statistics.median(r["step_time_s"] for r in runs if r["variant"] == v) for v in VARIANTS}
     cpu_time = {
@@ -235,6 +240,7 @@ def run_benchmark(
             "lr": lr,
             "device": device,
             "nan_policy": nan_policy,
+            "fused_adamw": fused,
             "torch": torch.__version__,
             "lightning": pl.__version__,
             "threads": torch.get_num_threads(),
@@ -260,7 +266,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"digits MLP [{cfg['hidden']}], batch {cfg['batch_size']}, {cfg['epochs']} epochs "
         f"({cfg['warmup_epochs']} warm-up left out), {cfg['repeats']} interleaved repeats, {cfg['device']}, "
         f"{cfg['threads']} thread(s), torch {cfg['torch']}, lightning {cfg['lightning']}, "
-        f"LossModule nan_policy={cfg.get('nan_policy', 'raise')}",
+        f"LossModule nan_policy={cfg.get('nan_policy', 'raise')}"
+        + (", AdamW(fused=True)" if cfg.get("fused_adamw") else ""),
         f"{'variant':<14}{'steps/s (median)':>18}{'ms/step':>10}{'CPU ms/step':>13}{'runs (steps/s)':>18}",
     ]
     for variant in VARIANTS:
@@ -316,6 +323,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         choices=["raise", "skip", "warn", "ignore"],
         help="LossModule's nan_policy (ignore: no host read per step, which is a sync on a GPU)",
     )
+    parser.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="AdamW(fused=True) in every variant (with --nan-policy skip, LossModule then reads nothing)",
+    )
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--profile", action="store_true", help="also cProfile one run of each variant")
     args = parser.parse_args(argv)
@@ -334,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             args.lr,
             args.device,
             args.nan_policy,
+            args.fused_adamw,
         )
         print(format_table(report))
         if args.profile:

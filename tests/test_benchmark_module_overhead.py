@@ -40,6 +40,16 @@ def test_tiny_run_reports_every_variant(tmp_path, capsys):
     assert format_table(report) in printed
 
 
+def test_fused_adamw_with_skip_trains_every_variant_alike(tmp_path):
+    out = tmp_path / "out.json"
+    args = ["--epochs", "2", "--repeats", "1", "--batch-size", "256", "--hidden", "8", "--fused-adamw"]
+    main([*args, "--nan-policy", "skip", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["config"]["fused_adamw"] is True
+    losses = {r["variant"]: r["final_loss"] for r in report["runs"]}
+    assert losses["loss_module"] == pytest.approx(losses["hand_written"], rel=1e-6)
+
+
 def test_bad_warmup_is_refused():
     with pytest.raises(ValueError, match="warmup_epochs"):
         main(["--epochs", "1", "--warmup-epochs", "1", "--repeats", "1"])
