@@ -54,25 +54,26 @@ big batch. Use ``micro_batch_size`` to fit a large global batch in memory with e
 Non-finite losses and gradients (``nan_policy``)
 ------------------------------------------------
 Checked once per optimizer step, after the backward pass: a non-finite training loss (any batch of an
-``accumulate_grad_batches`` window, any micro-batch) or a non-finite gradient (even with a finite
-loss: e.g. ``sqrt`` at 0). The losses and the gradients' norms (one fused ``torch._foreach_norm`` over
-the optimizer's gradients) are stacked (on several ranks, summed and all-reduced) and read in one host
-read: NaN and ±inf propagate through the sums, and every rank takes the same branch (an exact
-element-wise check runs only when a value is not finite). ``"raise"``:
-``FloatingPointError`` on every rank. ``"skip"``: the gradients are
-discarded and the optimizer step is not taken (weights and optimizer state untouched; Lightning still
-counts it in ``global_step``, and in automatic optimization a per-step LR scheduler still steps),
-``train/skipped_steps`` counts such steps; a non-finite loss is logged as 0 with weight 0, so it stays
-out of the epoch means (task metrics still see the step's predictions). With a fused ``torch.optim.Adam``
-/ ``AdamW`` (``fused=True``; without ``micro_batch_size`` or a ``16-mixed`` scaler) ``"skip"`` reads
-nothing: the check becomes the optimizer's ``found_inf``, as a gradient scaler's result does, and its
-kernel skips the step on the device (a sum of finite values that overflows skips it too, and
-``on_before_optimizer_step`` hooks see the step's gradients: a gradient-norm callback logs a non-finite norm).
-Fused SGD is not used so: its kernel's skip of a first step leaves the momentum buffer uninitialized.
-``"warn"``: like ``"skip"`` and a warning. Under ``precision="16-mixed"`` the gradient scaler already
-skips steps with inf/NaN gradients (and lowers its scale): only losses are checked there.
-``"ignore"``: no check and no host read (a NaN reaches the weights); on a GPU the read is a sync: the
-host waits for the device to finish the step before it queues the next one.
+``accumulate_grad_batches`` window, any micro-batch) or a non-finite gradient (even with a finite loss:
+e.g. ``sqrt`` at 0). The losses and the gradients' norms (one fused ``torch._foreach_norm`` over the
+optimizer's gradients) are stacked (on several ranks, summed and all-reduced) and read in one host read:
+NaN and ±inf propagate through the sums, and every rank takes the same branch (an exact element-wise check
+runs only when a value is not finite). ``"raise"``: ``FloatingPointError`` on every rank. ``"skip"``: the
+gradients are discarded and the optimizer step is not taken (weights and optimizer state untouched;
+Lightning still counts it in ``global_step``, and in automatic optimization a per-step LR scheduler still
+steps), ``train/skipped_steps`` counts such steps (logged at each epoch's end; the buffer
+``skipped_steps`` is the live count); a non-finite loss is logged as 0 with weight 0, so it stays out of
+the epoch means (task metrics still see the step's predictions). On an accelerator, with a fused
+``torch.optim.Adam`` / ``AdamW`` (``fused=True``; without ``micro_batch_size`` or a ``16-mixed`` scaler)
+``"skip"`` reads nothing: the check becomes the optimizer's ``found_inf``, as a gradient scaler's result
+does, and its kernel skips the step on the device (a sum of finite values that overflows skips it too, and
+``on_before_optimizer_step`` hooks see the step's gradients: a gradient-norm callback logs a non-finite
+norm). Fused SGD is not used so: its kernel's skip of a first step leaves the momentum buffer
+uninitialized. On the CPU, where a read is no sync, the host check stays. ``"warn"``: like ``"skip"`` and
+a warning. Under ``precision="16-mixed"`` the gradient scaler already skips steps with inf/NaN gradients
+(and lowers its scale): only losses are checked there. ``"ignore"``: no check and no host read (a NaN
+reaches the weights); on a GPU the read is a sync: the host waits for the device to finish the step before
+it queues the next one.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ from torchmetrics import Metric, MetricCollection
 from lightning_losses.binding import Binding
 from lightning_losses.callbacks.resume import check_checkpoint
 from lightning_losses.loss_logger import LossLogger
+from lightning_losses.metrics import CounterValue
 from lightning_losses.protocol import LossType, micro_batch_share, split_output
 
 try:  # set by LightningCLI while it instantiates the module: the config (class paths) to save
@@ -127,7 +129,7 @@ class LossModule(pl.LightningModule):
         batch_keys: names of the elements of a tuple/list batch.
         preds_key / target_key: where the task metrics read predictions and targets.
         nan_policy: what a non-finite training loss or gradient does: ``"raise"``, ``"skip"`` (no
-            optimizer step; no host read either with a fused Adam/AdamW), ``"warn"`` (skip and warn) or
+            optimizer step; on a GPU no host read with a fused Adam/AdamW), ``"warn"`` (skip and warn) or
             ``"ignore"`` (no check, no host read per step); see the module docstring.
         lr_scheduler_interval / lr_scheduler_monitor: how Lightning steps the scheduler.
         upcast_inputs: cast fp16/bf16 floating loss inputs to float32.
@@ -154,6 +156,10 @@ class LossModule(pl.LightningModule):
         >>> sorted(trainer.callback_metrics)
         ['train/loss', 'train/loss_epoch']
     """
+
+    # where `nan_policy="skip"` keeps the host check with a fused Adam/AdamW: on the CPU a read is no
+    # sync, and costs less than the ops that replace it (4-5 points of `benchmarks.module_overhead`'s step)
+    _host_check_device_types: frozenset[str] = frozenset({"cpu"})
 
     def __init__(
         self,
@@ -229,6 +235,9 @@ class LossModule(pl.LightningModule):
             for stage in _STAGES:
                 setattr(self, f"{stage}_task_metrics", metrics.clone(prefix=f"{stage}/"))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        if self._skips_steps:  # `train/skipped_steps`, logged once per epoch (see `_log_skipped_steps`)
+            self.skipped_steps_value = CounterValue()
+            self._skipped_steps_logged: tuple[int, int] | None = None  # (trainer id, epoch) logged
         # losses since the last optimizer step (nan_policy); a list, not a tensor attribute: a step would
         # pay for two `nn.Module.__setattr__` calls
         self._unchecked_losses: list[Tensor] = []
@@ -469,6 +478,7 @@ class LossModule(pl.LightningModule):
         self._track_nonfinite(loss)  # no host read here: `optimizer_step` decides after backward
         if self._skips_steps:  # a skipped step stays out of the epoch means
             metrics, weights = _mask_nonfinite(metrics, weights, torch.isfinite(loss.detach()))
+            self._log_skipped_steps()
         self._log_metrics("train", metrics, weights)
         self._update_task_metrics("train", outputs, batch)
         return loss
@@ -512,13 +522,14 @@ class LossModule(pl.LightningModule):
         return check
 
     def _found_inf_on_device(self, optimizer: Any) -> Tensor | None:
-        """``nan_policy="skip"`` with a fused ``Adam`` / ``AdamW`` (``fused=True``, no gradient scaler):
-        the optimizer's ``found_inf``, 1.0 when :meth:`_check_values` holds a non-finite value, else 0.0,
-        made on the device, so the step's skip is decided by the fused kernel with no host read. None
-        otherwise (the host check decides)."""
+        """``nan_policy="skip"`` with a fused ``Adam`` / ``AdamW`` (``fused=True``, no gradient scaler) on
+        an accelerator: the optimizer's ``found_inf``, 1.0 when :meth:`_check_values` holds a non-finite
+        value, else 0.0, made on the device, so the step's skip is decided by the fused kernel with no
+        host read. None otherwise (the host check decides)."""
         inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
         if (
             self.nan_policy != "skip"
+            or self.device.type in self._host_check_device_types
             or type(inner) not in _SKIP_ON_DEVICE
             or not all(group.get("fused") for group in inner.param_groups)
             or getattr(self._trainer.precision_plugin, "scaler", None) is not None  # it sets found_inf
@@ -545,7 +556,7 @@ class LossModule(pl.LightningModule):
         if loss_ranks == 0 and grad_ranks == 0:  # finite values whose squares or sums overflowed
             return True
         self._report_non_finite(int(loss_ranks), int(grad_ranks), optimizer)
-        self.skipped_steps += 1
+        self.skipped_steps.add_(1)  # in place: `skipped_steps_value` reads this tensor
         optimizer.zero_grad(set_to_none=True)
         return False
 
@@ -578,8 +589,20 @@ class LossModule(pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self._step_schedulers("step")
         if self._skips_steps:
-            self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+            self._log_skipped_steps()
         return total
+
+    def _log_skipped_steps(self) -> None:
+        """``train/skipped_steps``: the count so far, at each epoch's end. A ``CounterValue`` of the
+        in-place counter, logged once per epoch: logging the count each step costs a ``self.log`` call
+        a step, a quarter of a small model's step (+35% against +5.5% for ``"raise"`` in
+        ``benchmarks.module_overhead``)."""
+        epoch = (id(self.trainer), self.current_epoch)
+        if self._skipped_steps_logged == epoch:
+            return
+        self._skipped_steps_logged = epoch
+        self.skipped_steps_value.update(self.skipped_steps)
+        self.log("train/skipped_steps", self.skipped_steps_value, on_step=False, on_epoch=True)
 
     def _step_schedulers(self, interval: str) -> None:
         """Step the LR scheduler under manual optimization, as Lightning does in automatic mode."""
@@ -653,8 +676,6 @@ class LossModule(pl.LightningModule):
             self.skipped_steps.add_(found_inf.to(self.skipped_steps.dtype))
         elif self._step_is_finite(optimizer):  # the one host read per step
             optimizer.step(closure=lambda: result)  # the precision plugin unscales, clips, steps
-        if self._skips_steps:
-            self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
         return None
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_losses.metrics import MetricAggregator, WeightedMean
+from lightning_losses.metrics import CounterValue, MetricAggregator, WeightedMean
 
 VALUES = [(1.0, 3), (5.0, 1), (-2.5, 4)]
 
@@ -52,3 +52,14 @@ def test_aggregator_keys_survive_a_copy_and_a_device_move():
     assert clone["loss"].compute().item() == pytest.approx(2.0)
     assert aggregator["loss"].compute().item() == pytest.approx(1.0)  # the original is untouched
     assert sorted(clone.keys()) == ["a/b", "loss"]
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric CounterValue was called before")
+def test_counter_value_reads_the_counter_when_computed():
+    counter = torch.zeros((), dtype=torch.long)
+    value = CounterValue()
+    with pytest.raises(ValueError, match="before `update`"):
+        value.compute()
+    value.update(counter)
+    counter.add_(3)  # after the update: the value is read at compute time
+    assert value.compute().item() == 3.0 and value.compute().dtype == torch.float32

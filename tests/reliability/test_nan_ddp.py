@@ -33,8 +33,20 @@ from tests.helpers import (
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
 ADAMW = functools.partial(torch.optim.AdamW, lr=0.05)
-# nan_policy="skip" hands the check to its kernel as `found_inf`: skipped on the device, no host read
 FUSED_ADAMW = functools.partial(torch.optim.AdamW, lr=0.05, fused=True)
+
+
+class SkipOnDeviceLossModule(LossModule):
+    """With ``nan_policy="skip"`` and a fused AdamW, hands the check to the optimizer's kernel as
+    ``found_inf`` on the CPU too (``LossModule`` keeps the host check there, where a read is no sync)."""
+
+    _host_check_device_types = frozenset()
+
+
+SKIP_PATHS = [
+    pytest.param(LossModule, ADAMW, id="host_check"),
+    pytest.param(SkipOnDeviceLossModule, FUSED_ADAMW, id="fused_on_device"),
+]
 
 
 class SqrtResidualLoss(torch.nn.Module):
@@ -102,13 +114,13 @@ def poison(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return batch | {"poison": torch.tensor(True)}
 
 
-@pytest.mark.parametrize("optimizer", [ADAMW, FUSED_ADAMW], ids=["host_check", "fused_on_device"])
-def test_nonfinite_gradient_with_finite_loss_skip_takes_no_step(optimizer):
+@pytest.mark.parametrize(("module_class", "optimizer"), SKIP_PATHS)
+def test_nonfinite_gradient_with_finite_loss_skip_takes_no_step(module_class, optimizer):
     data = batches(3)
     data[1] = poison(data[1])  # InfGradRegressor: an inf gradient at step 1, the loss stays finite
     snapshots = Snapshots()
     torch.manual_seed(0)
-    module = LossModule(InfGradRegressor(), TokenSquaredError(), optimizer=optimizer, nan_policy="skip")
+    module = module_class(InfGradRegressor(), TokenSquaredError(), optimizer=optimizer, nan_policy="skip")
     trainer = quiet_trainer(max_steps=3, callbacks=[snapshots])
     trainer.fit(module, DataLoader(data, batch_size=None))
     assert module.skipped_steps.item() == 1
@@ -146,9 +158,9 @@ def test_nonfinite_gradient_warn():
     assert module.skipped_steps.item() == 1 and torch.isfinite(module.model.linear.weight).all()
 
 
-@pytest.mark.parametrize("optimizer", [SGD, FUSED_ADAMW], ids=["host_check", "fused_on_device"])
+@pytest.mark.parametrize(("module_class", "optimizer"), SKIP_PATHS)
 @pytest.mark.parametrize("fault", ["loss", "gradient"])
-def test_accumulation_window_with_a_fault_in_its_first_batch_is_skipped_whole(fault, optimizer):
+def test_accumulation_window_with_a_fault_in_its_first_batch_is_skipped_whole(fault, module_class, optimizer):
     """A fault in the first batch of an ``accumulate_grad_batches=2`` window is caught at the window's
     optimizer step (the loss flags are kept until then); the clean windows match a clean run's."""
     data = batches(6)
@@ -158,7 +170,7 @@ def test_accumulation_window_with_a_fault_in_its_first_batch_is_skipped_whole(fa
     else:  # inf gradient, finite loss
         loss, model = TokenSquaredError(), InfGradRegressor
     torch.manual_seed(0)
-    module = LossModule(model(), loss, optimizer=optimizer, nan_policy="skip")
+    module = module_class(model(), loss, optimizer=optimizer, nan_policy="skip")
     snapshots = Snapshots()
     trainer = quiet_trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[snapshots])
     trainer.fit(module, DataLoader(data, batch_size=None))
@@ -168,7 +180,7 @@ def test_accumulation_window_with_a_fault_in_its_first_batch_is_skipped_whole(fa
 
     # reference: the same run without the faulty window equals it step for step
     torch.manual_seed(0)
-    clean = LossModule(model(), loss, optimizer=optimizer, nan_policy="skip")
+    clean = module_class(model(), loss, optimizer=optimizer, nan_policy="skip")
     clean_data = data[:2] + data[4:]
     quiet_trainer(max_epochs=1, accumulate_grad_batches=2).fit(clean, DataLoader(clean_data, batch_size=None))
     assert torch.equal(clean.model.linear.weight, module.model.linear.weight)
@@ -215,20 +227,24 @@ class HostReads(pl.Callback):
 
 
 @pytest.mark.parametrize(
-    ("nan_policy", "optimizer", "reads_per_step"),
+    ("nan_policy", "module_class", "optimizer", "reads_per_step"),
     [
-        ("skip", SGD, 1),
-        ("ignore", SGD, 0),
-        ("skip", FUSED_ADAMW, 0),
-        ("raise", FUSED_ADAMW, 1),
-        ("skip", FUSED_SGD, 1),  # its kernel's skip leaves a first step's momentum uninitialized
+        ("skip", LossModule, SGD, 1),
+        ("ignore", LossModule, SGD, 0),
+        ("skip", LossModule, FUSED_ADAMW, 1),  # on the CPU
+        ("skip", SkipOnDeviceLossModule, FUSED_ADAMW, 0),
+        ("raise", SkipOnDeviceLossModule, FUSED_ADAMW, 1),
+        # fused SGD's skip of a first step leaves the momentum uninitialized: the host check decides
+        ("skip", SkipOnDeviceLossModule, FUSED_SGD, 1),
     ],
 )
-def test_clean_steps_read_the_host_once_per_step(monkeypatch, nan_policy, optimizer, reads_per_step):
+def test_clean_steps_read_the_host_once_per_step(
+    monkeypatch, nan_policy, module_class, optimizer, reads_per_step
+):
     """The finite check costs one host read per optimizer step; none with ``nan_policy="ignore"``, or
-    with ``"skip"`` and a fused AdamW (its kernel skips)."""
+    with ``"skip"`` and a fused AdamW off the CPU (its kernel skips)."""
     reads = HostReads(monkeypatch)
-    module = LossModule(TokenRegressor(), TokenSquaredError(), optimizer=optimizer, nan_policy=nan_policy)
+    module = module_class(TokenRegressor(), TokenSquaredError(), optimizer=optimizer, nan_policy=nan_policy)
     quiet_trainer(max_steps=4, callbacks=[reads]).fit(module, DataLoader(batches(4), batch_size=None))
     assert reads.per_batch == dict.fromkeys(range(4), reads_per_step), reads.per_batch
 
@@ -238,7 +254,9 @@ def test_fused_adamw_skips_faulty_steps_with_no_host_read(monkeypatch):
     data = batches(4)
     data[1], data[2] = poison(data[1]), poison(data[2])
     torch.manual_seed(0)
-    module = LossModule(InfGradRegressor(), TokenSquaredError(), optimizer=FUSED_ADAMW, nan_policy="skip")
+    module = SkipOnDeviceLossModule(
+        InfGradRegressor(), TokenSquaredError(), optimizer=FUSED_ADAMW, nan_policy="skip"
+    )
     reads = HostReads(monkeypatch)
     trainer = quiet_trainer(max_steps=4, callbacks=[reads])
     trainer.fit(module, DataLoader(data, batch_size=None))
@@ -246,6 +264,24 @@ def test_fused_adamw_skips_faulty_steps_with_no_host_read(monkeypatch):
     assert int(module.skipped_steps) == 2 and float(trainer.callback_metrics["train/skipped_steps"]) == 2
     assert {int(state["step"]) for state in trainer.optimizers[0].state.values()} == {2}
     assert not hasattr(trainer.optimizers[0], "found_inf")  # removed after the step, as GradScaler does
+
+
+@pytest.mark.parametrize(("module_class", "optimizer"), SKIP_PATHS)
+def test_skipped_steps_is_logged_at_each_epoch_end_with_the_count_so_far(module_class, optimizer):
+    data = batches(3)
+    data[1] = poison(data[1])  # a skipped step in every epoch
+    seen = []
+
+    class AtEpochStart(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(trainer.callback_metrics.get("train/skipped_steps"))
+
+    torch.manual_seed(0)
+    module = module_class(InfGradRegressor(), TokenSquaredError(), optimizer=optimizer, nan_policy="skip")
+    trainer = quiet_trainer(max_epochs=3, callbacks=[AtEpochStart()])
+    trainer.fit(module, DataLoader(data, batch_size=None))
+    assert seen[0] is None and [float(v) for v in seen[1:]] == [1.0, 2.0]
+    assert float(trainer.callback_metrics["train/skipped_steps"]) == 3.0 == module.skipped_steps.item()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,11 +310,21 @@ class RecordingLossModule(LossModule):
             raise
 
 
+class RecordingSkipOnDeviceLossModule(RecordingLossModule):
+    _host_check_device_types = frozenset()  # as SkipOnDeviceLossModule
+
+
 def ddp_fit(
-    directory: Path, per_rank: list[list[dict]], model: torch.nn.Module, loss, optimizer=SGD, **module_kwargs
+    directory: Path,
+    per_rank: list[list[dict]],
+    model: torch.nn.Module,
+    loss,
+    optimizer=SGD,
+    module_class: type[RecordingLossModule] = RecordingLossModule,
+    **module_kwargs,
 ):
     directory.mkdir(exist_ok=True)
-    module = RecordingLossModule(model, loss, optimizer=optimizer, **module_kwargs)
+    module = module_class(model, loss, optimizer=optimizer, **module_kwargs)
     module.record_directory = directory
     trainer = quiet_trainer(
         devices=2,
@@ -370,6 +416,7 @@ def test_ddp_loss_fault_on_one_rank_skip_on_device(tmp_path):
         TokenRegressor().double(),
         PoisonableTokenLoss(),
         optimizer=FUSED_ADAMW,
+        module_class=RecordingSkipOnDeviceLossModule,
         nan_policy="skip",
     )
     assert_ranks_identical_and_step_skipped(tmp_path / "run", skipped_batch=1)
