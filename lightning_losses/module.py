@@ -55,30 +55,27 @@ Non-finite losses and gradients (``nan_policy``)
 ------------------------------------------------
 Checked once per optimizer step, after the backward pass: a non-finite training loss (any batch of an
 ``accumulate_grad_batches`` window, any micro-batch) or a non-finite gradient (even with a finite loss:
-e.g. ``sqrt`` at 0). The losses and the gradients' norms (one fused ``torch._foreach_norm`` over the
-optimizer's gradients) are stacked (on several ranks, summed and all-reduced) and read in one host read:
-NaN and ±inf propagate through the sums, and every rank takes the same branch (an exact element-wise check
-runs only when a value is not finite). ``"raise"``: ``FloatingPointError`` on every rank. ``"skip"``: the
-gradients are discarded and the optimizer step is not taken (weights and optimizer state untouched;
-Lightning still counts it in ``global_step``, and in automatic optimization a per-step LR scheduler still
-steps), ``train/skipped_steps`` counts such steps (logged at each epoch's end; the buffer
-``skipped_steps`` is the live count); a non-finite loss is logged as 0 with weight 0, so it stays out of
-the epoch means (task metrics still see the step's predictions). On an accelerator, with a fused
-``torch.optim.Adam`` / ``AdamW`` (``fused=True``; without ``micro_batch_size`` or a ``16-mixed`` scaler)
-``"skip"`` reads nothing: the check becomes the optimizer's ``found_inf``, as a gradient scaler's result
-does, and its kernel skips the step on the device (a sum of finite values that overflows skips it too, and
-``on_before_optimizer_step`` hooks see the step's gradients: a gradient-norm callback logs a non-finite
-norm). Fused SGD is not used so: its kernel's skip of a first step leaves the momentum buffer
-uninitialized. On the CPU, where a read is no sync, the host check stays. ``"warn"``: like ``"skip"`` and
-a warning. Under ``precision="16-mixed"`` the gradient scaler already skips steps with inf/NaN gradients
-(and lowers its scale): only losses are checked there. ``"ignore"``: no check and no host read (a NaN
-reaches the weights); on a GPU the read is a sync: the host waits for the device to finish the step before
-it queues the next one.
+e.g. ``sqrt`` at 0). One fused op, a gradient scaler's exact check of every element (with a scale of 1: no
+value changes), flags a non-finite loss or gradient element; on several ranks the flags are all-reduced,
+so every rank takes the same branch; one host read reads the flag. ``"raise"``: ``FloatingPointError`` on
+every rank. ``"skip"``: the gradients are discarded and the optimizer step is not taken (weights and
+optimizer state untouched; Lightning still counts it in ``global_step``, and in automatic optimization a
+per-step LR scheduler still steps), ``train/skipped_steps`` counts such steps (logged at each epoch's end;
+the buffer ``skipped_steps`` is the live count); a non-finite loss is logged as 0 with weight 0, so it
+stays out of the epoch means (task metrics still see the step's predictions). On an accelerator, with a
+fused ``torch.optim.Adam`` / ``AdamW`` (``fused=True``; without ``micro_batch_size`` or a ``16-mixed``
+scaler) ``"skip"`` reads nothing: the check becomes the optimizer's ``found_inf``, as a gradient scaler's
+result does, and its kernel skips the step on the device (``on_before_optimizer_step`` hooks see the
+step's gradients: a gradient-norm callback logs a non-finite norm). Fused SGD is not used so: its kernel's
+skip of a first step leaves the momentum buffer uninitialized. On the CPU, where a read is no sync, the
+host check stays. ``"warn"``: like ``"skip"`` and a warning. Under ``precision="16-mixed"`` the gradient
+scaler already skips steps with inf/NaN gradients (and lowers its scale): only losses are checked there.
+``"ignore"``: no check and no host read (a NaN reaches the weights); on a GPU the read is a sync: the host
+waits for the device to finish the step before it queues the next one.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -241,6 +238,7 @@ class LossModule(pl.LightningModule):
         # losses since the last optimizer step (nan_policy); a list, not a tensor attribute: a step would
         # pay for two `nn.Module.__setattr__` calls
         self._unchecked_losses: list[Tensor] = []
+        self._unit_scales: dict[torch.device, Tensor] = {}  # the check's inverse scale (1) per device
 
     # ------------------------------------------------------------------------------------------------
     # inputs
@@ -507,25 +505,29 @@ class LossModule(pl.LightningModule):
         self._unchecked_losses.clear()
         return losses
 
-    def _check_values(self, losses: list[Tensor], optimizer: Any) -> Tensor | None:
-        """``losses`` and the gradients' L2 norms (one fused ``torch._foreach_norm`` over the optimizer's
-        gradients), stacked; on several ranks their sum, summed over ranks. NaN and ±inf propagate
-        through norms and sums, so the values are all finite whenever every loss and gradient on every
-        rank is (and not when a square or a sum of finite values overflowed). None: nothing to check."""
-        grads = self._gradients(optimizer)
-        parts = [*torch._foreach_norm(grads), *losses] if grads else losses
-        if not parts:
+    def _nonfinite_flag(self, losses: list[Tensor], optimizer: Any) -> Tensor | None:
+        """How many ranks hold a non-finite element in ``losses`` or the optimizer's gradients (0 or 1 in
+        one process), a float32 scalar on the device; None when there is nothing to check.
+
+        One fused ``torch._amp_foreach_non_finite_check_and_unscale_`` (a gradient scaler's check, exact
+        element by element) with an inverse scale of 1, which writes every value back as it was; on
+        several ranks one all-reduce. (Half the time of ``_foreach_norm`` + ``stack`` here.)"""
+        tensors = [*self._gradients(optimizer), *losses]
+        if not tensors:
             return None
-        check = torch.stack(parts)  # torch.stack promotes mixed dtypes
-        if self._world_size() > 1:  # one sum over ranks: their numbers of gradients need not agree
-            check = self._all_reduce_sum(check.sum()).reshape(1)
-        return check
+        device = tensors[0].device
+        unit = self._unit_scales.get(device)
+        if unit is None:
+            unit = self._unit_scales[device] = torch.ones((), dtype=torch.float32, device=device)
+        flag = torch.zeros((), dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, unit)
+        return self._all_reduce_sum(flag)
 
     def _found_inf_on_device(self, optimizer: Any) -> Tensor | None:
         """``nan_policy="skip"`` with a fused ``Adam`` / ``AdamW`` (``fused=True``, no gradient scaler) on
-        an accelerator: the optimizer's ``found_inf``, 1.0 when :meth:`_check_values` holds a non-finite
-        value, else 0.0, made on the device, so the step's skip is decided by the fused kernel with no
-        host read. None otherwise (the host check decides)."""
+        an accelerator: the optimizer's ``found_inf`` (1.0 when :meth:`_nonfinite_flag` is not 0, else
+        0.0), made on the device, so the fused kernel decides the step's skip with no host read. None
+        otherwise (the host check decides)."""
         inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
         if (
             self.nan_policy != "skip"
@@ -535,26 +537,21 @@ class LossModule(pl.LightningModule):
             or getattr(self._trainer.precision_plugin, "scaler", None) is not None  # it sets found_inf
         ):
             return None
-        check = self._check_values(self._take_unchecked_losses(), optimizer)
-        if check is None:
+        flag = self._nonfinite_flag(self._take_unchecked_losses(), optimizer)
+        if flag is None:
             return torch.zeros((), device=self.device)
-        return torch.isfinite(check).all().logical_not_().to(torch.float32)
+        return flag.clamp_max_(1.0) if self._world_size() > 1 else flag
 
     def _step_is_finite(self, optimizer: Any) -> bool:
-        """The one host read per optimizer step; applies ``nan_policy`` (raise, or zero the gradients).
-
-        One ``tolist`` reads :meth:`_check_values` (in one process a sum and an ``item`` would be one op
-        more). When a value is not finite, an exact element-wise diagnosis decides: finite values whose
-        squares or sums overflowed are then found finite, and the step is taken."""
+        """The one host read per optimizer step, of :meth:`_nonfinite_flag`; applies ``nan_policy``
+        (raise, or zero the gradients)."""
         if self.nan_policy == "ignore":
             return True
         losses = self._take_unchecked_losses()
-        check = self._check_values(losses, optimizer)
-        if check is None or all(map(math.isfinite, check.tolist())):  # one host read, alike on every rank
+        flag = self._nonfinite_flag(losses, optimizer)
+        if flag is None or flag.item() == 0:  # the one host read per step, alike on every rank
             return True
         loss_ranks, grad_ranks = self._nonfinite_ranks(losses, optimizer).tolist()
-        if loss_ranks == 0 and grad_ranks == 0:  # finite values whose squares or sums overflowed
-            return True
         self._report_non_finite(int(loss_ranks), int(grad_ranks), optimizer)
         self.skipped_steps.add_(1)  # in place: `skipped_steps_value` reads this tensor
         optimizer.zero_grad(set_to_none=True)

@@ -141,6 +141,24 @@ def test_sqrt_at_zero_gradient_fault_skip_then_trains_on():
     assert torch.isfinite(weight).all() and weight.abs().sum() > 0
 
 
+class HugeGradientLoss(torch.nn.Module):
+    """A finite loss whose gradient elements are ~1e30: finite, though their squares overflow float32."""
+
+    def forward(self, preds: Tensor, target: Tensor, token_mask: Tensor) -> Tensor:
+        return (preds * 1e30)[token_mask].sum()
+
+
+@pytest.mark.parametrize(("module_class", "optimizer"), SKIP_PATHS)
+def test_finite_gradients_whose_norm_overflows_are_not_skipped(module_class, optimizer):
+    """The check is exact element by element: a norm or a sum that would overflow does not count."""
+    module = module_class(zero_model(), HugeGradientLoss(), optimizer=optimizer, nan_policy="skip")
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(module, DataLoader(batches(2), batch_size=None))
+    assert module.skipped_steps.item() == 0
+    assert {int(state["step"]) for state in trainer.optimizers[0].state.values()} == {2}
+    assert torch.isfinite(module.model.linear.weight).all()
+
+
 @pytest.mark.parametrize("micro_batch_size", [None, 2])
 def test_nonfinite_gradient_raise_names_the_parameters(micro_batch_size):
     data = [zero_residual(batches(1)[0])]
