@@ -286,9 +286,17 @@ class LossModule(pl.LightningModule):
         return self.trainer.world_size if self._trainer is not None else 1
 
     def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over ranks (a new tensor on several ranks). Under ``torch.distributed``, one
+        ``all_reduce`` on its default group, as ``strategy.reduce`` does, but without the ``barrier`` it
+        calls first: on NCCL a barrier blocks the host until the device has run all queued work, a
+        host-device sync each step."""
         if self._world_size() == 1:
             return tensor
-        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+        summed = tensor.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(summed, op=torch.distributed.ReduceOp.SUM)
+            return summed
+        return self.trainer.strategy.reduce(summed, reduce_op="sum")
 
     def global_valid_counts(
         self, batch: Mapping[str, Any], token_weights: Tensor | None = None, need_tokens: bool = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -31,7 +32,14 @@ def initial_model() -> TokenRegressor:
     return TokenRegressor().double()
 
 
-def fit(directory: Path, per_rank: list[list[dict]], loss, devices: int, **module_kwargs):
+def fit(
+    directory: Path,
+    per_rank: list[list[dict]],
+    loss,
+    devices: int,
+    callbacks: list[pl.Callback] = (),
+    **module_kwargs,
+):
     directory.mkdir()
     module = LossModule(initial_model(), loss, optimizer=SGD, **module_kwargs)
     trainer = quiet_trainer(
@@ -40,10 +48,42 @@ def fit(directory: Path, per_rank: list[list[dict]], loss, devices: int, **modul
         precision="64-true",
         max_epochs=1,
         use_distributed_sampler=False,
-        callbacks=[RecordGradients(directory), DestroyProcessGroup()],
+        callbacks=[RecordGradients(directory), DestroyProcessGroup(), *callbacks],
     )
     trainer.fit(module, datamodule=RankShardData(per_rank))
     return trainer
+
+
+class CountBarriers(pl.Callback):
+    """Count the ``torch.distributed.barrier`` calls of each training batch (in each spawned rank) and
+    save them: on NCCL a barrier blocks the host until the device has run all queued work."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.calls = 0
+        self.original = torch.distributed.barrier
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self.original(*args, **kwargs)
+
+        torch.distributed.barrier = counted
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.distributed.barrier = self.original
+        path = self.directory / f"barriers_rank{trainer.global_rank}_batch{batch_idx}.txt"
+        path.write_text(str(self.calls))
+
+
+def test_ddp_steps_all_reduce_counts_and_the_check_without_a_barrier(tmp_path):
+    steps = [token_shards(seed=seed) for seed in (0, 1)]
+    directory = tmp_path / "ddp"
+    per_rank = [[s[0] for s in steps], [s[1] for s in steps]]
+    fit(directory, per_rank, TokenSquaredError(), devices=2, callbacks=[CountBarriers(directory)])
+    counts = {path.name: path.read_text() for path in directory.glob("barriers_*.txt")}
+    assert counts == {f"barriers_rank{r}_batch{b}.txt": "0" for r in range(2) for b in range(2)}
 
 
 def test_ddp_gradients_counts_and_metrics_equal_one_process_on_the_global_batch(tmp_path):
