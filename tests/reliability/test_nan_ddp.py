@@ -284,6 +284,32 @@ def test_fused_adamw_skips_faulty_steps_with_no_host_read(monkeypatch):
     assert not hasattr(trainer.optimizers[0], "found_inf")  # removed after the step, as GradScaler does
 
 
+def test_a_step_with_a_nonfinite_loss_stays_out_of_every_epoch_mean():
+    """Its metrics (finite here: the loss alone is NaN) count for nothing, whatever each key's weight:
+    the global token count (``loss``, ``squared_error``) or the batch size (``global_valid_toks``)."""
+    data = batches(4)
+    data[2] = data[2] | {"poison": torch.tensor(True)}  # PoisonableTokenLoss: a NaN loss
+    logged = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append(
+                {k: float(trainer.callback_metrics[f"train/{k}"]) for k in ("loss", "global_valid_toks")}
+            )
+
+    module = LossModule(TokenRegressor(), PoisonableTokenLoss(), optimizer=SGD, nan_policy="skip")
+    trainer = quiet_trainer(max_epochs=1, callbacks=[Record()])
+    trainer.fit(module, DataLoader(data, batch_size=None))
+    good = [step for index, step in enumerate(logged) if index != 2]
+    toks = [step["global_valid_toks"] for step in good]
+    expected_loss = sum(step["loss"] * n for step, n in zip(good, toks, strict=True)) / sum(toks)
+    metrics = trainer.callback_metrics
+    assert logged[2]["loss"] == 0.0  # logged as 0 with weight 0
+    assert float(metrics["train/loss_epoch"]) == pytest.approx(expected_loss, rel=1e-6)
+    assert float(metrics["train/squared_error_epoch"]) == pytest.approx(expected_loss, rel=1e-6)
+    assert float(metrics["train/global_valid_toks_epoch"]) == pytest.approx(sum(toks) / 3, rel=1e-6)
+
+
 @pytest.mark.parametrize(("module_class", "optimizer"), SKIP_PATHS)
 def test_skipped_steps_is_logged_at_each_epoch_end_with_the_count_so_far(module_class, optimizer):
     data = batches(3)
