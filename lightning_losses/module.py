@@ -602,7 +602,7 @@ class LossModule(pl.LightningModule):
         """``train/skipped_steps``: the count so far, at each epoch's end. A ``CounterValue`` of the
         in-place counter, logged once per epoch: logging the count each step cost a ``self.log`` call a
         step, a quarter of a small model's step (``"skip"`` took +33% to +38% over the hand-written
-        module in ``benchmarks.module_overhead``, +8% now)."""
+        module in ``benchmarks.module_overhead``, +7% to +8% now)."""
         epoch = (id(self.trainer), self.current_epoch)
         if self._skipped_steps_logged == epoch:
             return
