@@ -62,7 +62,6 @@ class LossLogger(nn.Module):
         self._attribute_of: dict[str, str] = {}  # stage -> submodule name
         self._aggregator_of: dict[str, MetricAggregator] = {}  # the same submodules (no nn.Module getattr)
         self._path: str | None = None  # this logger's attribute path in the LightningModule
-        self._train_epoch_logged: dict[str, tuple[int, int]] = {}  # key -> (trainer id, epoch) logged
 
     def __getitem__(self, stage: str) -> MetricAggregator:
         """The aggregator of ``stage`` (its ``[key].compute()`` is the running epoch mean)."""
@@ -118,16 +117,15 @@ class LossLogger(nn.Module):
         weights = weights or {}
         aggregator = self[stage]
         updated = aggregator.update(metrics, {k: weights.get(k, default_weight) for k in metrics})
-        epoch = (id(module.trainer), module.current_epoch) if stage == "train" else None
         for key, metric in updated.items():
             shown = key == self.prog_bar
             if stage == "train":
                 module.log(f"train/{key}", metrics[key], on_step=True, on_epoch=False, prog_bar=shown)
                 # The epoch mean is a Metric object Lightning keeps a reference to until the epoch ends:
-                # logging it once per epoch suffices, and each `self.log` costs ~0.2 ms of a training step.
-                if self._train_epoch_logged.get(key) == epoch:
+                # logging it once per epoch suffices, and each `self.log` costs ~0.4 ms of a training step.
+                if not metric.needs_logging(module.trainer):
                     continue
-                self._train_epoch_logged[key] = epoch
+                metric.logged_to = id(module.trainer)
                 name, shown = f"train/{key}_epoch", False
             else:
                 name = f"{stage}/{key}"

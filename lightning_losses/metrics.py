@@ -17,10 +17,31 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-__all__ = ["CounterValue", "MetricAggregator", "WeightedMean"]
+__all__ = ["CounterValue", "LoggedPerEpoch", "MetricAggregator", "WeightedMean"]
 
 
-class WeightedMean(Metric):
+class LoggedPerEpoch(Metric):
+    """A ``Metric`` that a LightningModule logs as an object once per epoch (``self.log(name, metric,
+    on_epoch=True)``): Lightning keeps it, computes it at the epoch's end and resets it.
+
+    ``needs_logging(trainer)`` says whether to log it now: not yet logged to this trainer since the last
+    reset. The reset also follows a tuner's run (learning-rate or batch-size finder), after which
+    Lightning drops the logged object, so an epoch number would not do as the mark.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged_to: int | None = None  # id of the trainer it was logged to since the last reset
+
+    def needs_logging(self, trainer: object) -> bool:
+        return self.logged_to != id(trainer)
+
+    def reset(self) -> None:
+        super().reset()
+        self.logged_to = None
+
+
+class WeightedMean(LoggedPerEpoch):
     """``Σ w·x / Σ w`` over updates, summed over DDP ranks when computed.
 
     >>> mean = WeightedMean()
@@ -76,7 +97,7 @@ class WeightedMean(Metric):
         return self.total / self.weight
 
 
-class CounterValue(Metric):
+class CounterValue(LoggedPerEpoch):
     """The value of a counter tensor, updated in place, when computed (as float).
 
     Logged as an object once per epoch (``self.log(name, metric, on_epoch=True)``), it is read when

@@ -85,6 +85,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.torch_version import TorchVersion
 from torchmetrics import Metric, MetricCollection
 
 from lightning_losses.binding import Binding
@@ -106,6 +107,14 @@ _MODULE_ARGUMENTS = ["model", "loss", "optimizer", "lr_scheduler", "metrics"]
 # Their fused kernels leave weights and state untouched when the optimizer's `found_inf` is 1 (what
 # GradScaler sets). Fused SGD does not: a skipped first step leaves its momentum buffer uninitialized.
 _SKIP_ON_DEVICE = (torch.optim.Adam, torch.optim.AdamW)
+# The dtypes the non-finite check runs through a gradient scaler's fused op on, per device type: CUDA's
+# kernel has no bfloat16 (and checks float64 values as float32), the CPU's exists from torch 2.3. The
+# other tensors are checked by their norms (NaN and inf propagate; a norm that overflows flags too).
+_FUSED_CHECK_DTYPES: dict[str, frozenset[torch.dtype]] = {
+    "cuda": frozenset({torch.float16, torch.float32, torch.float64}),
+}
+if TorchVersion(torch.__version__) >= "2.3":
+    _FUSED_CHECK_DTYPES["cpu"] = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 class LossModule(pl.LightningModule):
@@ -234,7 +243,6 @@ class LossModule(pl.LightningModule):
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         if self._skips_steps:  # `train/skipped_steps`, logged once per epoch (see `_log_skipped_steps`)
             self.skipped_steps_value = CounterValue()
-            self._skipped_steps_logged: tuple[int, int] | None = None  # (trainer id, epoch) logged
         # losses since the last optimizer step (nan_policy); a list, not a tensor attribute: a step would
         # pay for two `nn.Module.__setattr__` calls
         self._unchecked_losses: list[Tensor] = []
@@ -514,22 +522,29 @@ class LossModule(pl.LightningModule):
         return losses
 
     def _nonfinite_flag(self, losses: list[Tensor], optimizer: Any) -> Tensor | None:
-        """How many ranks hold a non-finite element in ``losses`` or the optimizer's gradients (0 or 1 in
-        one process), a float32 scalar on the device; None when there is nothing to check.
+        """Non-zero when a rank holds a non-finite element in ``losses`` or the optimizer's gradients: a
+        float32 scalar on the device (summed over ranks); None when there is nothing to check.
 
-        One fused ``torch._amp_foreach_non_finite_check_and_unscale_`` (a gradient scaler's check, exact
-        element by element) with an inverse scale of 1, which writes every value back as it was; on
-        several ranks one all-reduce. (In a plain CPU loop half the time of the ``_foreach_norm`` of
-        the gradients, ``stack`` and ``tolist`` it replaced.)"""
+        One fused ``torch._amp_foreach_non_finite_check_and_unscale_`` (a gradient scaler's check,
+        element by element) with an inverse scale of 1, which writes every value back as it was, over
+        the tensors of the dtypes it takes (``_FUSED_CHECK_DTYPES``); the others by their norms, which
+        a value near its dtype's largest can overflow. (In a plain CPU loop the fused op takes half the
+        time of the ``_foreach_norm`` + ``stack`` + ``tolist`` it replaced.)"""
         tensors = [*self._gradients(optimizer), *losses]
         if not tensors:
             return None
         device = tensors[0].device
-        unit = self._unit_scales.get(device)
-        if unit is None:
-            unit = self._unit_scales[device] = torch.ones((), dtype=torch.float32, device=device)
+        fused_dtypes = _FUSED_CHECK_DTYPES.get(device.type, frozenset())
+        fused = [t for t in tensors if t.dtype in fused_dtypes]
         flag = torch.zeros((), dtype=torch.float32, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, unit)
+        if fused:
+            unit = self._unit_scales.get(device)
+            if unit is None:
+                unit = self._unit_scales[device] = torch.ones((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(fused, flag, unit)
+        if len(fused) < len(tensors):
+            norms = torch._foreach_norm([t for t in tensors if t.dtype not in fused_dtypes])
+            flag.add_(torch.stack(norms).sum().isfinite().logical_not_())
         return self._all_reduce_sum(flag)
 
     def _found_inf_on_device(self, optimizer: Any) -> Tensor | None:
@@ -548,8 +563,8 @@ class LossModule(pl.LightningModule):
             return None
         flag = self._nonfinite_flag(self._take_unchecked_losses(), optimizer)
         if flag is None:
-            return torch.zeros((), device=self.device)
-        return flag.clamp_max_(1.0) if self._world_size() > 1 else flag
+            return torch.zeros((), dtype=torch.float32, device=self.device)
+        return flag.clamp_max_(1.0)  # the kernel skips where found_inf is 1 (flags add up over ranks)
 
     def _step_is_finite(self, optimizer: Any) -> bool:
         """The one host read per optimizer step, of :meth:`_nonfinite_flag`; applies ``nan_policy``
@@ -561,6 +576,8 @@ class LossModule(pl.LightningModule):
         if flag is None or flag.item() == 0:  # the one host read per step, alike on every rank
             return True
         loss_ranks, grad_ranks = self._nonfinite_ranks(losses, optimizer).tolist()
+        if loss_ranks == 0 and grad_ranks == 0:  # a norm of finite values overflowed (see the flag)
+            return True
         self._report_non_finite(int(loss_ranks), int(grad_ranks), optimizer)
         self.skipped_steps.add_(1)  # in place: `skipped_steps_value` reads this tensor
         optimizer.zero_grad(set_to_none=True)
@@ -603,10 +620,9 @@ class LossModule(pl.LightningModule):
         in-place counter, logged once per epoch: logging the count each step cost a ``self.log`` call a
         step, a quarter of a small model's step (``"skip"`` took +33% to +38% over the hand-written
         module in ``benchmarks.module_overhead``, +7% to +8% now)."""
-        epoch = (id(self.trainer), self.current_epoch)
-        if self._skipped_steps_logged == epoch:
+        if not self.skipped_steps_value.needs_logging(self.trainer):
             return
-        self._skipped_steps_logged = epoch
+        self.skipped_steps_value.logged_to = id(self.trainer)
         self.skipped_steps_value.update(self.skipped_steps)
         self.log("train/skipped_steps", self.skipped_steps_value, on_step=False, on_epoch=True)
 

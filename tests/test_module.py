@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import lightning.pytorch as pl
@@ -408,3 +409,41 @@ def test_validate_before_fit_then_train():
     trainer = quiet_trainer(max_epochs=1)
     trainer.fit(module, data, data)
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
+def test_epoch_means_are_logged_again_after_a_learning_rate_finder_run(tmp_path):
+    """A tuner's run trains steps of epoch 0 on the same trainer, then Lightning resets what was logged:
+    the epoch means (logged once per epoch as Metric objects) must be logged again for the real epoch 0,
+    or `train/loss_epoch` keeps the finder's value."""
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    shards = [token_shards(torch.float32, seed=seed)[0] for seed in range(6)]
+    per_step = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            metrics = trainer.callback_metrics
+            per_step.append((float(metrics["train/loss"]), float(metrics["train/global_valid_toks"])))
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            per_step.clear()  # the finder's steps, then each epoch's own
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.epoch_steps = list(per_step)
+
+    torch.manual_seed(0)
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    module = LossModule(TokenRegressor(), TokenSquaredError(), optimizer=sgd, nan_policy="skip")
+    module.lr = 0.1  # the attribute the finder tunes
+    record = Record()
+    trainer = quiet_trainer(
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        callbacks=[LearningRateFinder(num_training_steps=3), record],
+    )
+    trainer.fit(module, DataLoader(shards, batch_size=None))
+    steps = record.epoch_steps
+    assert len(steps) == 6
+    expected = sum(loss * toks for loss, toks in steps) / sum(toks for _, toks in steps)
+    assert float(trainer.callback_metrics["train/loss_epoch"]) == pytest.approx(expected, rel=1e-6)
+    assert float(trainer.callback_metrics["train/skipped_steps"]) == 0.0

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+import lightning_losses.module as module_module
 from lightning_losses import LossModule
 from tests.helpers import (
     DestroyProcessGroup,
@@ -114,8 +115,16 @@ def poison(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return batch | {"poison": torch.tensor(True)}
 
 
+@pytest.fixture(params=["fused_check", "norm_check"])
+def check(request, monkeypatch) -> str:
+    """The fused check, or the gradients' norms that the dtypes it does not take get (bf16 on CUDA)."""
+    if request.param == "norm_check":
+        monkeypatch.setattr(module_module, "_FUSED_CHECK_DTYPES", {})
+    return request.param
+
+
 @pytest.mark.parametrize(("module_class", "optimizer"), SKIP_PATHS)
-def test_nonfinite_gradient_with_finite_loss_skip_takes_no_step(module_class, optimizer):
+def test_nonfinite_gradient_with_finite_loss_skip_takes_no_step(module_class, optimizer, check):
     data = batches(3)
     data[1] = poison(data[1])  # InfGradRegressor: an inf gradient at step 1, the loss stays finite
     snapshots = Snapshots()
@@ -149,14 +158,36 @@ class HugeGradientLoss(torch.nn.Module):
 
 
 @pytest.mark.parametrize(("module_class", "optimizer"), SKIP_PATHS)
-def test_finite_gradients_whose_norm_overflows_are_not_skipped(module_class, optimizer):
-    """The check is exact element by element: a norm or a sum that would overflow does not count."""
+def test_finite_gradients_whose_norm_overflows_are_not_skipped(module_class, optimizer, check):
+    """The fused check is exact element by element: a norm or a sum that would overflow does not
+    count. With norms, the host check then looks at every element and takes the step; the device
+    skip cannot look again and skips it."""
     module = module_class(zero_model(), HugeGradientLoss(), optimizer=optimizer, nan_policy="skip")
     trainer = quiet_trainer(max_steps=2)
     trainer.fit(module, DataLoader(batches(2), batch_size=None))
-    assert module.skipped_steps.item() == 0
-    assert {int(state["step"]) for state in trainer.optimizers[0].state.values()} == {2}
+    skipped = 2 if check == "norm_check" and module_class is SkipOnDeviceLossModule else 0
+    assert module.skipped_steps.item() == skipped
+    assert {int(state["step"]) for state in trainer.optimizers[0].state.values()} == {2 - skipped}
     assert torch.isfinite(module.model.linear.weight).all()
+
+
+@pytest.mark.parametrize(("module_class", "optimizer"), SKIP_PATHS)
+def test_bf16_gradients_and_float32_losses_are_checked_together(module_class, optimizer, check):
+    """``bf16-true``: bfloat16 gradients (which CUDA's fused check does not take) beside the losses."""
+    data = batches(3)
+    data[1] = poison(data[1])
+    torch.manual_seed(0)
+    module = module_class(InfGradRegressor(), TokenSquaredError(), optimizer=optimizer, nan_policy="skip")
+    grad_dtypes = set()
+
+    class GradDtypes(pl.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            grad_dtypes.update(p.grad.dtype for p in pl_module.parameters() if p.grad is not None)
+
+    trainer = quiet_trainer(max_steps=3, precision="bf16-true", callbacks=[GradDtypes()])
+    trainer.fit(module, DataLoader(data, batch_size=None))
+    assert grad_dtypes == {torch.bfloat16}
+    assert module.skipped_steps.item() == 1 and torch.isfinite(module.model.linear.weight).all()
 
 
 @pytest.mark.parametrize("micro_batch_size", [None, 2])
@@ -178,7 +209,9 @@ def test_nonfinite_gradient_warn():
 
 @pytest.mark.parametrize(("module_class", "optimizer"), SKIP_PATHS)
 @pytest.mark.parametrize("fault", ["loss", "gradient"])
-def test_accumulation_window_with_a_fault_in_its_first_batch_is_skipped_whole(fault, module_class, optimizer):
+def test_accumulation_window_with_a_fault_in_its_first_batch_is_skipped_whole(
+    fault, module_class, optimizer, check
+):
     """A fault in the first batch of an ``accumulate_grad_batches=2`` window is caught at the window's
     optimizer step (the loss flags are kept until then); the clean windows match a clean run's."""
     data = batches(6)
