@@ -24,17 +24,20 @@ class LoggedPerEpoch(Metric):
     """A ``Metric`` that a LightningModule logs as an object once per epoch (``self.log(name, metric,
     on_epoch=True)``): Lightning keeps it, computes it at the epoch's end and resets it.
 
-    ``needs_logging(trainer)`` says whether to log it now: not yet logged to this trainer since the last
-    reset. The reset also follows a tuner's run (learning-rate or batch-size finder), after which
-    Lightning drops the logged object, so an epoch number would not do as the mark.
+    ``claim_logging(trainer)`` says whether to log it now (not yet logged to this trainer since the last
+    reset) and marks it logged. The reset also follows a tuner's run (learning-rate or batch-size
+    finder), after which Lightning drops the logged object, so an epoch number would not do as the mark.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.logged_to: int | None = None  # id of the trainer it was logged to since the last reset
 
-    def needs_logging(self, trainer: object) -> bool:
-        return self.logged_to != id(trainer)
+    def claim_logging(self, trainer: object) -> bool:
+        if self.logged_to == id(trainer):
+            return False
+        self.logged_to = id(trainer)
+        return True
 
     def reset(self) -> None:
         super().reset()

@@ -620,9 +620,8 @@ class LossModule(pl.LightningModule):
         in-place counter, logged once per epoch: logging the count each step cost a ``self.log`` call a
         step, a quarter of a small model's step (``"skip"`` took +33% to +38% over the hand-written
         module in ``benchmarks.module_overhead``, +7% to +8% now)."""
-        if not self.skipped_steps_value.needs_logging(self.trainer):
+        if not self.skipped_steps_value.claim_logging(self.trainer):
             return
-        self.skipped_steps_value.logged_to = id(self.trainer)
         self.skipped_steps_value.update(self.skipped_steps)
         self.log("train/skipped_steps", self.skipped_steps_value, on_step=False, on_epoch=True)
 
