@@ -246,7 +246,7 @@ class LossModule(pl.LightningModule):
         # losses since the last optimizer step (nan_policy); a list, not a tensor attribute: a step would
         # pay for two `nn.Module.__setattr__` calls
         self._unchecked_losses: list[Tensor] = []
-        self._unit_scales: dict[torch.device, Tensor] = {}  # the check's inverse scale (1) per device
+        self._check_states: dict[torch.device, _CheckState] = {}  # per device, see `_check_state`
 
     # ------------------------------------------------------------------------------------------------
     # inputs
@@ -521,9 +521,10 @@ class LossModule(pl.LightningModule):
         self._unchecked_losses.clear()
         return losses
 
-    def _nonfinite_flag(self, losses: list[Tensor], optimizer: Any) -> Tensor | None:
-        """Non-zero when a rank holds a non-finite element in ``losses`` or the optimizer's gradients: a
-        float32 scalar on the device (summed over ranks); None when there is nothing to check.
+    def _nonfinite_flag(self, losses: list[Tensor], optimizer: Any, flag: Tensor) -> Tensor | None:
+        """Non-zero when a rank holds a non-finite element in ``losses`` or the optimizer's gradients:
+        ``flag`` (a zero float32 scalar on the device) with the finding added, or its sum over ranks; None
+        when there is nothing to check.
 
         One fused ``torch._amp_foreach_non_finite_check_and_unscale_`` (a gradient scaler's check,
         element by element) with an inverse scale of 1, which writes every value back as it was, over
@@ -533,19 +534,24 @@ class LossModule(pl.LightningModule):
         tensors = [*self._gradients(optimizer), *losses]
         if not tensors:
             return None
-        device = tensors[0].device
-        fused_dtypes = _FUSED_CHECK_DTYPES.get(device.type, frozenset())
-        fused = [t for t in tensors if t.dtype in fused_dtypes]
-        flag = torch.zeros((), dtype=torch.float32, device=device)
+        check = self._check_state()
+        fused = [t for t in tensors if t.dtype in check.fused_dtypes]
         if fused:
-            unit = self._unit_scales.get(device)
-            if unit is None:
-                unit = self._unit_scales[device] = torch.ones((), dtype=torch.float32, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(fused, flag, unit)
+            torch._amp_foreach_non_finite_check_and_unscale_(fused, flag, check.unit)
         if len(fused) < len(tensors):
-            norms = torch._foreach_norm([t for t in tensors if t.dtype not in fused_dtypes])
+            norms = torch._foreach_norm([t for t in tensors if t.dtype not in check.fused_dtypes])
             flag.add_(torch.stack(norms).sum().isfinite().logical_not_())
         return self._all_reduce_sum(flag)
+
+    def _check_state(self) -> _CheckState:
+        """The non-finite check's scalars on this module's device, made once (see ``_CheckState``)."""
+        device = self.device
+        state = self._check_states.get(device)
+        if state is None:
+            flag, unit = (torch.full((), value, dtype=torch.float32, device=device) for value in (0, 1))
+            fused_dtypes = _FUSED_CHECK_DTYPES.get(device.type, frozenset())
+            state = self._check_states[device] = _CheckState(flag, unit, fused_dtypes)
+        return state
 
     def _found_inf_on_device(self, optimizer: Any) -> Tensor | None:
         """``nan_policy="skip"`` with a fused ``Adam`` / ``AdamW`` (``fused=True``, no gradient scaler) on
@@ -561,9 +567,10 @@ class LossModule(pl.LightningModule):
             or self.device.type in self._host_check_device_types
         ):
             return None
-        flag = self._nonfinite_flag(self._take_unchecked_losses(), optimizer)
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)  # new: the kernel keeps it
+        flag = self._nonfinite_flag(self._take_unchecked_losses(), optimizer, zero)
         if flag is None:
-            return torch.zeros((), dtype=torch.float32, device=self.device)
+            return zero
         return flag.clamp_max_(1.0)  # the kernel skips where found_inf is 1 (flags add up over ranks)
 
     def _step_is_finite(self, optimizer: Any) -> bool:
@@ -572,9 +579,11 @@ class LossModule(pl.LightningModule):
         if self.nan_policy == "ignore":
             return True
         losses = self._take_unchecked_losses()
-        flag = self._nonfinite_flag(losses, optimizer)
+        local_flag = self._check_state().flag
+        flag = self._nonfinite_flag(losses, optimizer, local_flag)
         if flag is None or flag.item() == 0:  # the one host read per step, alike on every rank
             return True
+        local_flag.zero_()  # for the next step's check (before a raise: a caught error may train on)
         loss_ranks, grad_ranks = self._nonfinite_ranks(losses, optimizer).tolist()
         if loss_ranks == 0 and grad_ranks == 0:  # a norm of finite values overflowed (see the flag)
             return True
@@ -761,6 +770,15 @@ class _StepResult(NamedTuple):
     batch: dict[str, Any]
     weights: dict[str, Tensor | int]
     partial: frozenset[str]  # metric keys that are shares of a globally normalized value
+
+
+class _CheckState(NamedTuple):
+    """What the non-finite check reuses on one device. A new tensor a step costs ~5 µs in a training loop."""
+
+    flag: Tensor  # the host check's float32 flag: zero between steps (only a failed check sets it, then
+    # zeroes it after reading it)
+    unit: Tensor  # the fused check's inverse scale, 1
+    fused_dtypes: frozenset[torch.dtype]  # the dtypes the fused check takes on this device
 
 
 class _Counts(NamedTuple):

@@ -190,6 +190,21 @@ def test_bf16_gradients_and_float32_losses_are_checked_together(module_class, op
     assert module.skipped_steps.item() == 1 and torch.isfinite(module.model.linear.weight).all()
 
 
+@pytest.mark.parametrize("check", ["fused_check", "norm_check"], indirect=True)
+def test_a_caught_raise_leaves_the_next_fit_unflagged(check, monkeypatch):
+    """The host check reuses one flag tensor: a failed check must leave it zero, or every later step
+    would look faulty and pay for the diagnosis of a failed check (more reads)."""
+    module = LossModule(InfGradRegressor(), TokenSquaredError(), optimizer=SGD)
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        quiet_trainer(max_steps=1).fit(module, DataLoader([poison(batches(1)[0])], batch_size=None))
+    diagnosed = []
+    diagnose = module._nonfinite_ranks
+    monkeypatch.setattr(module, "_nonfinite_ranks", lambda *args: diagnosed.append(1) or diagnose(*args))
+    before = module.model.linear.weight.detach().clone()
+    quiet_trainer(max_steps=2).fit(module, DataLoader(batches(2), batch_size=None))
+    assert not diagnosed and not torch.equal(module.model.linear.weight, before)
+
+
 @pytest.mark.parametrize("micro_batch_size", [None, 2])
 def test_nonfinite_gradient_raise_names_the_parameters(micro_batch_size):
     data = [zero_residual(batches(1)[0])]
