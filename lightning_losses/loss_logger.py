@@ -123,7 +123,7 @@ class LossLogger(nn.Module):
                 module.log(f"train/{key}", metrics[key], on_step=True, on_epoch=False, prog_bar=shown)
                 # The epoch mean is a Metric object Lightning keeps a reference to until the epoch ends:
                 # logging it once per epoch suffices, and each `self.log` costs ~0.4 ms of a training step.
-                if not metric.claim_logging(module.trainer):
+                if not metric.claim_logging(module._trainer):  # the property costs ~3 µs in a loop
                     continue
                 name, shown = f"train/{key}_epoch", False
             else:

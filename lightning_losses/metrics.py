@@ -97,7 +97,7 @@ class WeightedMean(LoggedPerEpoch):
             self.weight.add_(weight)
         else:
             self.total.add_(value, alpha=weight)
-            self.weight.add_(self.one, alpha=weight)
+            self.weight.add_(self._buffers["one"], alpha=weight)  # `self.one`: ~3 µs in a loop
 
     def compute(self) -> Tensor:
         return self.total / self.weight

@@ -246,7 +246,7 @@ class LossModule(pl.LightningModule):
         # losses since the last optimizer step (nan_policy); a list, not a tensor attribute: a step would
         # pay for two `nn.Module.__setattr__` calls
         self._unchecked_losses: list[Tensor] = []
-        self._check_states: dict[torch.device, _CheckState] = {}  # per device, see `_check_state`
+        self._check_states: dict[torch.device, _CheckState] = {}  # the non-finite check's, per device
 
     # ------------------------------------------------------------------------------------------------
     # inputs
@@ -277,7 +277,7 @@ class LossModule(pl.LightningModule):
             if key not in batch and self.batch_keys[0] in batch:
                 source = {**batch, key: batch[self.batch_keys[0]]}
         args, kwargs = binding.bind([source], source_names=("batch",))
-        out = self.model(*args, **kwargs)
+        out = self._modules["model"](*args, **kwargs)  # not `self.model`: see `_step`
         if isinstance(out, Tensor):
             return {self.output_key: out}
         if isinstance(out, Mapping):
@@ -291,7 +291,7 @@ class LossModule(pl.LightningModule):
         )
 
     def _world_size(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
+        return self._trainer.world_size if self._trainer is not None else 1
 
     def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """``tensor`` summed over ranks (a new tensor on several ranks). Under ``torch.distributed``, one
@@ -432,11 +432,13 @@ class LossModule(pl.LightningModule):
         batch = self.batch_as_dict(batch)
         outputs = self(batch)
         args, kwargs, global_count = self._loss_inputs(batch, outputs, counts)
+        # `_modules[...]`, not `self.loss`: in a training loop (cold caches) nn.Module.__getattr__ takes ~3 µs
+        loss_fn = self._modules["loss"]
         if share == 1.0:
-            loss, metrics = split_output(self.loss(*args, **kwargs))
+            loss, metrics = split_output(loss_fn(*args, **kwargs))
         else:
             with micro_batch_share(share):
-                loss, metrics = split_output(self.loss(*args, **kwargs))
+                loss, metrics = split_output(loss_fn(*args, **kwargs))
         if loss.ndim != 0:
             raise ValueError(
                 f"{type(self.loss).__name__} returned a loss of shape {tuple(loss.shape)}; "
@@ -462,7 +464,7 @@ class LossModule(pl.LightningModule):
     def _log_metrics(
         self, stage: Stage, metrics: Mapping[str, Tensor], weights: Mapping[str, Tensor | int]
     ) -> None:
-        self.loss_logger.log_metrics(self, stage, metrics, weights)
+        self._modules["loss_logger"].log_metrics(self, stage, metrics, weights)  # see `_step`
 
     def _update_task_metrics(
         self, stage: Stage, outputs: Mapping[str, Any], batch: Mapping[str, Any]
@@ -521,20 +523,25 @@ class LossModule(pl.LightningModule):
         self._unchecked_losses.clear()
         return losses
 
-    def _nonfinite_flag(self, losses: list[Tensor], optimizer: Any, flag: Tensor) -> Tensor | None:
-        """Non-zero when a rank holds a non-finite element in ``losses`` or the optimizer's gradients:
-        ``flag`` (a zero float32 scalar on the device) with the finding added, or its sum over ranks; None
-        when there is nothing to check.
+    def _nonfinite_flag(self, losses: list[Tensor], optimizer: Any, reuse_flag: bool) -> Tensor | None:
+        """Non-zero when a rank holds a non-finite element in ``losses`` or the optimizer's gradients: a
+        float32 scalar on the device (summed over ranks); None when there is nothing to check.
 
         One fused ``torch._amp_foreach_non_finite_check_and_unscale_`` (a gradient scaler's check,
         element by element) with an inverse scale of 1, which writes every value back as it was, over
         the tensors of the dtypes it takes (``_FUSED_CHECK_DTYPES``); the others by their norms, which
         a value near its dtype's largest can overflow. (In a plain CPU loop the fused op takes half the
-        time of the ``_foreach_norm`` + ``stack`` + ``tolist`` it replaced.)"""
+        time of the ``_foreach_norm`` + ``stack`` + ``tolist`` it replaced.)
+
+        ``reuse_flag``: the finding goes into the device's ``_CheckState.flag`` (for a check that reads
+        it at once; a failed check must zero it again with ``_clear_check_flags``), else into a new
+        tensor."""
         tensors = [*self._gradients(optimizer), *losses]
         if not tensors:
             return None
-        check = self._check_state()
+        device = tensors[0].device  # not `self.device`: a property call costs ~3 µs in a training loop
+        check = self._check_states.get(device) or self._new_check_state(device)
+        flag = check.flag if reuse_flag else torch.zeros((), dtype=torch.float32, device=device)
         fused = [t for t in tensors if t.dtype in check.fused_dtypes]
         if fused:
             torch._amp_foreach_non_finite_check_and_unscale_(fused, flag, check.unit)
@@ -543,34 +550,36 @@ class LossModule(pl.LightningModule):
             flag.add_(torch.stack(norms).sum().isfinite().logical_not_())
         return self._all_reduce_sum(flag)
 
-    def _check_state(self) -> _CheckState:
-        """The non-finite check's scalars on this module's device, made once (see ``_CheckState``)."""
-        device = self.device
-        state = self._check_states.get(device)
-        if state is None:
-            flag, unit = (torch.full((), value, dtype=torch.float32, device=device) for value in (0, 1))
-            fused_dtypes = _FUSED_CHECK_DTYPES.get(device.type, frozenset())
-            state = self._check_states[device] = _CheckState(flag, unit, fused_dtypes)
+    def _new_check_state(self, device: torch.device) -> _CheckState:
+        flag, unit = (torch.full((), value, dtype=torch.float32, device=device) for value in (0, 1))
+        fused_dtypes = _FUSED_CHECK_DTYPES.get(device.type, frozenset())
+        state = self._check_states[device] = _CheckState(flag, unit, fused_dtypes)
         return state
+
+    def _clear_check_flags(self) -> None:
+        for state in self._check_states.values():
+            state.flag.zero_()
 
     def _found_inf_on_device(self, optimizer: Any) -> Tensor | None:
         """``nan_policy="skip"`` with a fused ``Adam`` / ``AdamW`` (``fused=True``, no gradient scaler) on
         an accelerator: the optimizer's ``found_inf`` (1.0 when :meth:`_nonfinite_flag` is not 0, else
         0.0), made on the device, so the fused kernel decides the step's skip with no host read. None
         otherwise (the host check decides)."""
+        if self.nan_policy != "skip":
+            return None
         inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
         if (
-            self.nan_policy != "skip"
-            or type(inner) not in _SKIP_ON_DEVICE
+            type(inner) not in _SKIP_ON_DEVICE
             or not all(group.get("fused") for group in inner.param_groups)
             or getattr(self._trainer.precision_plugin, "scaler", None) is not None  # it sets found_inf
             or self.device.type in self._host_check_device_types
         ):
             return None
-        zero = torch.zeros((), dtype=torch.float32, device=self.device)  # new: the kernel keeps it
-        flag = self._nonfinite_flag(self._take_unchecked_losses(), optimizer, zero)
+        flag = self._nonfinite_flag(
+            self._take_unchecked_losses(), optimizer, reuse_flag=False
+        )  # the kernel keeps it
         if flag is None:
-            return zero
+            return torch.zeros((), dtype=torch.float32, device=self.device)
         return flag.clamp_max_(1.0)  # the kernel skips where found_inf is 1 (flags add up over ranks)
 
     def _step_is_finite(self, optimizer: Any) -> bool:
@@ -579,11 +588,10 @@ class LossModule(pl.LightningModule):
         if self.nan_policy == "ignore":
             return True
         losses = self._take_unchecked_losses()
-        local_flag = self._check_state().flag
-        flag = self._nonfinite_flag(losses, optimizer, local_flag)
+        flag = self._nonfinite_flag(losses, optimizer, reuse_flag=True)
         if flag is None or flag.item() == 0:  # the one host read per step, alike on every rank
             return True
-        local_flag.zero_()  # for the next step's check (before a raise: a caught error may train on)
+        self._clear_check_flags()  # for the next step's check (before a raise: a caught error may train on)
         loss_ranks, grad_ranks = self._nonfinite_ranks(losses, optimizer).tolist()
         if loss_ranks == 0 and grad_ranks == 0:  # a norm of finite values overflowed (see the flag)
             return True
@@ -629,10 +637,11 @@ class LossModule(pl.LightningModule):
         in-place counter, logged once per epoch: logging the count each step cost a ``self.log`` call a
         step, a quarter of a small model's step (``"skip"`` took +33% to +38% over the hand-written
         module in ``benchmarks.module_overhead``, +7% to +8% now)."""
-        if not self.skipped_steps_value.claim_logging(self.trainer):
+        value = self._modules["skipped_steps_value"]  # see `_step`
+        if not value.claim_logging(self._trainer):
             return
-        self.skipped_steps_value.update(self.skipped_steps)
-        self.log("train/skipped_steps", self.skipped_steps_value, on_step=False, on_epoch=True)
+        value.update(self.skipped_steps)
+        self.log("train/skipped_steps", value, on_step=False, on_epoch=True)
 
     def _step_schedulers(self, interval: str) -> None:
         """Step the LR scheduler under manual optimization, as Lightning does in automatic mode."""
