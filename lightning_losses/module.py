@@ -401,8 +401,10 @@ class LossModule(pl.LightningModule):
         wanted = self._wanted_counts
         args, kwargs = self.loss_binding.bind([outputs, batch], special=self._special_inputs(batch))
         if self.upcast_inputs:  # the batch, the model and the counts are never half-precision tensors
-            args = [_upcast(v) for v in args]
-            kwargs = {k: _upcast(v) for k, v in kwargs.items()}
+            args = [v.float() if isinstance(v, Tensor) and v.dtype in _HALF else v for v in args]
+            kwargs = {
+                k: v.float() if isinstance(v, Tensor) and v.dtype in _HALF else v for k, v in kwargs.items()
+            }
         if not wanted:
             return args, kwargs, None
         if counts is None:
@@ -420,7 +422,7 @@ class LossModule(pl.LightningModule):
         if self._wants_data:
             special["data"] = batch
         if self._wants_model:
-            special["model"] = self.model
+            special["model"] = self._modules["model"]  # not `self.model`: see `_step`
         return special
 
     # ------------------------------------------------------------------------------------------------
@@ -509,7 +511,9 @@ class LossModule(pl.LightningModule):
         steps with inf/NaN gradients itself."""
         if getattr(self._trainer.precision_plugin, "scaler", None) is not None:
             return []
-        return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return [
+            grad for group in optimizer.param_groups for p in group["params"] if (grad := p.grad) is not None
+        ]
 
     def _nonfinite_ranks(self, losses: list[Tensor], optimizer: Any) -> Tensor:
         """``[ranks with a non-finite loss, ranks with a non-finite gradient]``: the diagnosis after a
@@ -817,6 +821,7 @@ def split_batch(batch: Mapping[str, Any], micro_batch_size: int) -> list[dict[st
 
 
 _NOTHING: frozenset[str] = frozenset()
+_HALF = (torch.float16, torch.bfloat16)  # what `upcast_inputs` casts to float32
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
@@ -839,9 +844,3 @@ def _mask_nonfinite(
             kept[id(weight)] = torch.where(finite, weight, 0)
         masked_weights[key] = kept[id(weight)]
     return masked, masked_weights
-
-
-def _upcast(value: Any) -> Any:
-    if isinstance(value, Tensor) and value.dtype in (torch.float16, torch.bfloat16):
-        return value.float()
-    return value
