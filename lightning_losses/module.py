@@ -511,9 +511,9 @@ class LossModule(pl.LightningModule):
         steps with inf/NaN gradients itself."""
         if getattr(self._trainer.precision_plugin, "scaler", None) is not None:
             return []
-        return [
-            grad for group in optimizer.param_groups for p in group["params"] if (grad := p.grad) is not None
-        ]
+        # unwrapped: a LightningOptimizer forwards `param_groups` through its __getattr__ (~3.5 µs in a loop)
+        groups = getattr(optimizer, "optimizer", optimizer).param_groups
+        return [grad for group in groups for p in group["params"] if (grad := p.grad) is not None]
 
     def _nonfinite_ranks(self, losses: list[Tensor], optimizer: Any) -> Tensor:
         """``[ranks with a non-finite loss, ranks with a non-finite gradient]``: the diagnosis after a
