@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor, nn
 
 from lightning_losses.metrics import MetricAggregator
@@ -83,6 +84,7 @@ class LossLogger(nn.Module):
         output: Any,
         batch_size: int | None = None,
         weights: Mapping[str, Tensor | float] | None = None,
+        keep: Tensor | None = None,
     ) -> Tensor:
         """Log ``output`` (a ``LossOutput``, a ``(loss, metrics)`` pair or a loss tensor) under ``stage``.
 
@@ -92,12 +94,14 @@ class LossLogger(nn.Module):
             output: what the loss returned.
             batch_size: the weight of this step's values in the epoch means (default 1).
             weights: per-key weights overriding ``batch_size`` (e.g. a global token count).
+            keep: a bool scalar tensor; where False (a step you skip, e.g. ``torch.isfinite(loss)``) the
+                step's values are logged as 0 and stay out of the epoch means, with no host read.
 
         Returns:
             The loss tensor, unchanged.
         """
         loss, metrics = split_output(output)
-        self.log_metrics(module, stage, metrics, weights, 1 if batch_size is None else batch_size)
+        self.log_metrics(module, stage, metrics, weights, 1 if batch_size is None else batch_size, keep)
         return loss
 
     def log_metrics(
@@ -107,16 +111,19 @@ class LossLogger(nn.Module):
         metrics: Mapping[str, Tensor],
         weights: Mapping[str, Tensor | float] | None = None,
         default_weight: Tensor | float = 1,
+        keep: Tensor | None = None,
     ) -> None:
-        """Update the epoch means of ``metrics`` and log them (see the class docstring)."""
+        """Update the epoch means of ``metrics`` and log them (see the class docstring and ``forward``)."""
         if not isinstance(module, pl.LightningModule):
             raise TypeError(f"`module` must be the LightningModule that owns this logger, got {type(module)}")
         if not metrics:
             return
         path = self._attribute_path(module)  # first: a stray logger is an error before anything is logged
         weights = weights or {}
+        if keep is not None:  # 0 keeps the dtype
+            metrics = {key: torch.where(keep, value, 0) for key, value in metrics.items()}
         aggregator = self[stage]
-        updated = aggregator.update(metrics, {k: weights.get(k, default_weight) for k in metrics})
+        updated = aggregator.update(metrics, {k: weights.get(k, default_weight) for k in metrics}, keep)
         for key, metric in updated.items():
             shown = key == self.prog_bar
             if stage == "train":

@@ -62,14 +62,18 @@ class WeightedMean(LoggedPerEpoch):
         super().__init__()
         self.add_state("total", torch.zeros(()), dist_reduce_fx="sum")
         self.add_state("weight", torch.zeros(()), dist_reduce_fx="sum")
-        # a number weight is added as `one` times it: `add_(number)` would make a tensor of it (~1.4 µs)
-        self.register_buffer("one", torch.ones(()), persistent=False)
+        self.register_buffer("one", torch.ones(()), persistent=False)  # see `_add`
 
-    def update(self, value: Tensor, weight: float | Tensor = 1.0) -> None:
-        self._add(value, weight)
+    def update(self, value: Tensor, weight: float | Tensor = 1.0, keep: Tensor | None = None) -> None:
+        """Add ``value`` counted ``weight`` times; where the bool scalar ``keep`` is False, nothing (a
+        non-finite value included), with no host read."""
+        if keep is not None:
+            value = torch.where(keep, value, 0)
+        self._add(value, weight, keep)
 
-    def accumulate(self, value: Tensor, weight: float | Tensor = 1.0) -> None:
-        """``update`` without torchmetrics' wrapper around it, for the update a training step makes.
+    def accumulate(self, value: Tensor, weight: float | Tensor = 1.0, keep: Tensor | None = None) -> None:
+        """``update`` without torchmetrics' wrapper around it, for the update a training step makes;
+        with ``keep``, ``value`` must already be 0 where ``keep`` is False (the caller logged it so).
 
         The wrapper costs ~5 µs a call (two ``nn.Module.__setattr__`` calls and a grad-mode context);
         of what it does this metric needs only two things, done here directly: drop the cached
@@ -79,9 +83,9 @@ class WeightedMean(LoggedPerEpoch):
         attributes = self.__dict__  # plain attributes of an nn.Module live here; no __setattr__ checks
         attributes["_computed"] = None
         attributes["_update_count"] += 1
-        self._add(value, weight)
+        self._add(value, weight, keep)
 
-    def _add(self, value: Tensor, weight: float | Tensor) -> None:
+    def _add(self, value: Tensor, weight: float | Tensor, keep: Tensor | None) -> None:
         value = value.detach()
         if value.ndim:
             value = value.sum()
@@ -92,12 +96,14 @@ class WeightedMean(LoggedPerEpoch):
         # in place: a training step updates these every step, and out of place each update would be
         # two more `nn.Module.__setattr__` calls (~20 µs, a percent of a small model's step)
         if isinstance(weight, Tensor):
-            weight = weight.detach()
+            weight = weight.detach() if keep is None else torch.where(keep, weight.detach(), 0)
             self.total.addcmul_(value, weight)
             self.weight.add_(weight)
-        else:
+        else:  # a number: `one` (or `keep`) times it; `add_(number)` would make a tensor of it (~1.4 µs)
             self.total.add_(value, alpha=weight)
-            self.weight.add_(self._buffers["one"], alpha=weight)  # `self.one`: ~3 µs in a loop
+            self.weight.add_(
+                self._buffers["one"] if keep is None else keep, alpha=weight
+            )  # `self.one`: ~3 µs
 
     def compute(self) -> Tensor:
         return self.total / self.weight
@@ -180,16 +186,20 @@ class MetricAggregator(nn.Module):
         return self._metric_of[key]
 
     def update(
-        self, metrics: Mapping[str, Tensor], weights: Mapping[str, float | Tensor] | float = 1.0
+        self,
+        metrics: Mapping[str, Tensor],
+        weights: Mapping[str, float | Tensor] | float = 1.0,
+        keep: Tensor | None = None,
     ) -> dict[str, WeightedMean]:
         """Add one value per key, counted ``weights[key]`` times (or ``weights`` times); returns the
-        aggregators that were updated."""
+        aggregators that were updated. ``keep``: see ``WeightedMean.accumulate`` (values already 0 where
+        it is False)."""
         updated = {}
         per_key = isinstance(weights, Mapping)
         for key, value in metrics.items():
             metric = self._metric_of.get(key)
             if metric is None:
                 metric = self.get_or_create(key, value.device)
-            metric.accumulate(value, weights[key] if per_key else weights)
+            metric.accumulate(value, weights[key] if per_key else weights, keep)
             updated[key] = metric
         return updated

@@ -464,9 +464,13 @@ class LossModule(pl.LightningModule):
         return _StepResult(loss, metrics, outputs, batch, weights, partial)
 
     def _log_metrics(
-        self, stage: Stage, metrics: Mapping[str, Tensor], weights: Mapping[str, Tensor | int]
+        self,
+        stage: Stage,
+        metrics: Mapping[str, Tensor],
+        weights: Mapping[str, Tensor | int],
+        keep: Tensor | None = None,
     ) -> None:
-        self._modules["loss_logger"].log_metrics(self, stage, metrics, weights)  # see `_step`
+        self._modules["loss_logger"].log_metrics(self, stage, metrics, weights, keep=keep)  # see `_step`
 
     def _update_task_metrics(
         self, stage: Stage, outputs: Mapping[str, Any], batch: Mapping[str, Any]
@@ -494,10 +498,11 @@ class LossModule(pl.LightningModule):
             return self._micro_batch_training_step(batch)
         loss, metrics, outputs, batch, weights, _ = self._step(batch)
         self._track_nonfinite(loss)  # no host read here: `optimizer_step` decides after backward
-        if self._skips_steps:  # a skipped step stays out of the epoch means
-            metrics, weights = _mask_nonfinite(metrics, weights, torch.isfinite(loss.detach()))
+        keep = None
+        if self._skips_steps:  # a non-finite loss: logged as 0 with weight 0, out of the epoch means
+            keep = torch.isfinite(loss.detach())
             self._log_skipped_steps()
-        self._log_metrics("train", metrics, weights)
+        self._log_metrics("train", metrics, weights, keep)
         self._update_task_metrics("train", outputs, batch)
         return loss
 
@@ -829,18 +834,3 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
         if isinstance(value, Tensor) and value.ndim > 0:
             return value.shape[0]
     return 1
-
-
-def _mask_nonfinite(
-    metrics: dict[str, Tensor], weights: Mapping[str, Tensor | int], finite: Tensor
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """A step with a non-finite loss logs 0 with weight 0: it stays out of the epoch means."""
-    masked = {key: torch.where(finite, value, 0) for key, value in metrics.items()}  # 0: keeps the dtype
-    kept: dict[int, Tensor] = {}  # one `where` per distinct weight: most keys share the batch size
-    masked_weights = {}
-    for key in metrics:
-        weight = weights[key]
-        if id(weight) not in kept:
-            kept[id(weight)] = torch.where(finite, weight, 0)
-        masked_weights[key] = kept[id(weight)]
-    return masked, masked_weights

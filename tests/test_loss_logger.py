@@ -84,6 +84,37 @@ def test_epoch_means_over_uneven_batches_equal_the_whole_set():
         torch.testing.assert_close(trainer.callback_metrics[key], value, rtol=1e-5, atol=1e-6)
 
 
+class SkipsNonFiniteSteps(UserClassifier):
+    """Logs with ``keep=torch.isfinite(loss)`` and poisons the loss of batch 1 with NaN (then skips it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: list[float] = []
+        self.logged: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss, metrics = self.loss_fn(self(x), y)
+        if batch_idx == 1:
+            loss = loss * float("nan")
+            metrics = {**metrics, "loss": loss.detach()}
+        else:
+            self.losses.append(loss.item())
+        self.loss_logger(self, "train", (loss, metrics), batch_size=len(x), keep=torch.isfinite(loss))
+        self.logged.append(self.trainer.callback_metrics["train/loss"].item())
+        return loss if batch_idx != 1 else None  # Lightning skips a step whose training_step returns None
+
+
+def test_keep_logs_a_skipped_step_as_0_and_leaves_it_out_of_the_epoch_mean():
+    torch.manual_seed(0)
+    module = SkipsNonFiniteSteps()
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(module, DataLoader(dataset(24, 0), batch_size=8))
+    assert module.logged[1] == 0.0 and module.logged[0] == module.losses[0]
+    expected = torch.tensor(module.losses).mean()  # equal batches of 8: the plain mean of the kept steps
+    torch.testing.assert_close(trainer.callback_metrics["train/loss_epoch"], expected)
+
+
 def test_checkpoint_round_trip_and_resume(tmp_path):
     torch.manual_seed(0)
     data = ShardedData(dataset(32, 0), dataset(20, 1), (0, 20))

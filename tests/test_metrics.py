@@ -19,6 +19,16 @@ def test_weighted_mean_equals_the_brute_force_mean(method, tensor_weight):
     assert mean.compute().item() == pytest.approx(_brute_force_mean(VALUES))
 
 
+@pytest.mark.parametrize("tensor_weight", [False, True])
+def test_keep_false_leaves_a_nan_value_out_of_the_mean(tensor_weight):
+    mean = WeightedMean()
+    for (value, weight), kept in zip([*VALUES, (float("nan"), 7)], [True, True, True, False], strict=True):
+        weight = torch.tensor(float(weight)) if tensor_weight else weight
+        mean.update(torch.tensor(value), weight, keep=torch.tensor(kept))
+    assert mean.compute().item() == pytest.approx(_brute_force_mean(VALUES))
+    assert mean.weight.item() == sum(w for _, w in VALUES)
+
+
 def test_accumulate_leaves_the_metric_as_update_does():
     """`accumulate` skips torchmetrics' update wrapper: the count and the cached value must still follow."""
     by_update, by_accumulate = WeightedMean(), WeightedMean()
