@@ -645,7 +645,7 @@ class LossModule(pl.LightningModule):
         """``train/skipped_steps``: the count so far, at each epoch's end. A ``CounterValue`` of the
         in-place counter, logged once per epoch: logging the count each step cost a ``self.log`` call a
         step, a quarter of a small model's step (``"skip"`` took +33% to +38% over the hand-written
-        module in ``benchmarks.module_overhead``, +7% to +8% now)."""
+        module in ``benchmarks.module_overhead``, +6% to +8% now)."""
         value = self._modules["skipped_steps_value"]  # see `_step`
         if not value.claim_logging(self._trainer):
             return
