@@ -584,9 +584,8 @@ class LossModule(pl.LightningModule):
             or self.device.type in self._host_check_device_types
         ):
             return None
-        flag = self._nonfinite_flag(
-            self._take_unchecked_losses(), optimizer, reuse_flag=False
-        )  # the kernel keeps it
+        # a new flag each step: the optimizer's kernel reads it after this returns
+        flag = self._nonfinite_flag(self._take_unchecked_losses(), optimizer, reuse_flag=False)
         if flag is None:
             return torch.zeros((), dtype=torch.float32, device=self.device)
         return flag.clamp_max_(1.0)  # the kernel skips where found_inf is 1 (flags add up over ranks)
