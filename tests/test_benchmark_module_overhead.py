@@ -3,10 +3,11 @@ only that every variant trains, is timed and is reported)."""
 
 import json
 import math
+import statistics
 
 import pytest
 
-from benchmarks.module_overhead import VARIANTS, format_table, main
+from benchmarks.module_overhead import VARIANTS, _child_arguments, format_processes, format_table, main
 
 
 def test_tiny_run_reports_every_variant(tmp_path, capsys):
@@ -53,3 +54,37 @@ def test_fused_adamw_with_skip_trains_every_variant_alike(tmp_path):
 def test_bad_warmup_is_refused():
     with pytest.raises(ValueError, match="warmup_epochs"):
         main(["--epochs", "1", "--warmup-epochs", "1", "--repeats", "1"])
+
+
+def test_processes_report_the_median_of_fresh_processes(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    args = ["--epochs", "2", "--repeats", "1", "--batch-size", "256", "--hidden", "8", "--processes", "3"]
+    main([*args, "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["config"]["processes"] == len(report["processes"]) == 3
+    for measure, by_variant in report["median"].items():
+        for variant, median in by_variant.items():
+            assert median == statistics.median(r[measure][variant] for r in report["processes"])
+    assert format_processes(report) in capsys.readouterr().out
+
+
+def test_child_arguments_drop_processes_and_json_in_both_spellings():
+    argv = [
+        "--epochs",
+        "2",
+        "--processes",
+        "3",
+        "--json",
+        "a.json",
+        "--processes=4",
+        "--json=b",
+        "--hidden",
+        "8",
+    ]
+    assert _child_arguments(argv) == ["--epochs", "2", "--hidden", "8"]
+
+
+@pytest.mark.parametrize("extra", [["--processes", "0"], ["--processes", "2", "--profile"]])
+def test_bad_processes_are_refused(extra):
+    with pytest.raises(SystemExit):
+        main(["--epochs", "2", "--repeats", "1", *extra])
