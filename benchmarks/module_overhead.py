@@ -407,8 +407,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.processes > 1:
         if args.profile:
             parser.error("--profile profiles one process: leave out --processes")
-        child = _child_arguments(sys.argv[1:] if argv is None else list(argv))
-        report = run_processes(args.processes, child)
+        report = run_processes(args.processes, _child_arguments(args))
         print(format_processes(report))
         if args.json:
             with open(args.json, "w") as f:
@@ -444,17 +443,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def _child_arguments(argv: list[str]) -> list[str]:
-    """``argv`` without ``--processes N`` and ``--json PATH`` (either as one ``--name=value`` word)."""
-    child, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word in ("--processes", "--json"):
-            skip = True
-        elif not word.startswith(("--processes=", "--json=")):
-            child.append(word)
-    return child
+def _child_arguments(args: argparse.Namespace) -> list[str]:
+    """The command line of one process of ``--processes``: every setting of ``args`` but the processes,
+    the JSON path and the profile (rebuilt from the parsed values, so abbreviations cannot slip through)."""
+    child = [
+        *("--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs)),
+        *("--repeats", str(args.repeats), "--batch-size", str(args.batch_size), "--hidden", str(args.hidden)),
+        *("--lr", repr(args.lr), "--device", args.device, "--threads", str(args.threads)),
+        *("--nan-policy", args.nan_policy),
+    ]
+    return [*child, "--fused-adamw"] if args.fused_adamw else child
 
 
 if __name__ == "__main__":
