@@ -95,10 +95,14 @@ class WeightedMean(LoggedPerEpoch):
             self.total, self.weight = self.total.clone(), self.weight.clone()
         # in place: a training step updates these every step, and out of place each update would be
         # two more `nn.Module.__setattr__` calls (~20 µs, a percent of a small model's step)
+        # the weight added is `weight` times `keep` (0 or 1) when given
         if isinstance(weight, Tensor):
-            weight = weight.detach() if keep is None else torch.where(keep, weight.detach(), 0)
+            weight = weight.detach()
             self.total.addcmul_(value, weight)
-            self.weight.add_(weight)
+            if keep is None:
+                self.weight.add_(weight)
+            else:
+                self.weight.addcmul_(weight, keep)
         else:  # a number, added as `one` (or `keep`) times it: `add_(number)` makes a tensor of it (~1.4 µs)
             self.total.add_(value, alpha=weight)
             unit = self._buffers["one"] if keep is None else keep  # not `self.one`: ~3 µs in a training loop

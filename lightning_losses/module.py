@@ -792,8 +792,7 @@ class _StepResult(NamedTuple):
 class _CheckState(NamedTuple):
     """What the non-finite check reuses on one device. A new tensor a step costs ~5 µs in a training loop."""
 
-    flag: Tensor  # the host check's float32 flag: zero between steps (only a failed check sets it, then
-    # zeroes it after reading it)
+    flag: Tensor  # the host check's float32 flag, zero between steps: a failed check sets it and zeroes it
     unit: Tensor  # the fused check's inverse scale, 1
     fused_dtypes: frozenset[torch.dtype]  # the dtypes the fused check takes on this device
 
