@@ -232,6 +232,7 @@ class LossModule(pl.LightningModule):
         unrenamed = set(self.loss_binding.names) - set(self.loss_binding.rename)
         self._wanted_counts = frozenset({"global_valid_toks", "global_valid_seqs"} & unrenamed)
         self._wants_data, self._wants_model = "data" in unrenamed, "model" in unrenamed
+        self._has_special_inputs = bool(self._wanted_counts) or self._wants_data or self._wants_model
         # the loss's metrics: a weighted mean per key and stage; task metrics: `<stage>_task_metrics`
         self.loss_logger = LossLogger()
         if metrics is not None and not isinstance(metrics, MetricCollection):
@@ -399,12 +400,16 @@ class LossModule(pl.LightningModule):
         taken from this batch.
         """
         wanted = self._wanted_counts
-        args, kwargs = self.loss_binding.bind([outputs, batch], special=self._special_inputs(batch))
+        special = self._special_inputs(batch) if self._has_special_inputs else None
+        args, kwargs = self.loss_binding.bind([outputs, batch], special=special)
         if self.upcast_inputs:  # the batch, the model and the counts are never half-precision tensors
-            args = [v.float() if isinstance(v, Tensor) and v.dtype in _HALF else v for v in args]
-            kwargs = {
-                k: v.float() if isinstance(v, Tensor) and v.dtype in _HALF else v for k, v in kwargs.items()
-            }
+            if args:  # (each comprehension is a call: skipped when there is nothing to cast)
+                args = [v.float() if isinstance(v, Tensor) and v.dtype in _HALF else v for v in args]
+            if kwargs:
+                kwargs = {
+                    k: v.float() if isinstance(v, Tensor) and v.dtype in _HALF else v
+                    for k, v in kwargs.items()
+                }
         if not wanted:
             return args, kwargs, None
         if counts is None:
