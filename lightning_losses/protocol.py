@@ -286,12 +286,15 @@ def check_class_targets(
         raise TypeError(f"`{name}` must hold integer class indices, got {_describe(target)}")
     if target.numel() == 0 or not value_checks_enabled(target):
         return
+    if num_classes > 0:  # every element in range, uncounted ones too (often so): one op
+        low, high = torch.aminmax(target)
+        if int(low) >= 0 and int(high) < num_classes:
+            return
     keep = None if mask is None else mask != 0
     if ignore_index is not None:
         keep = target != ignore_index if keep is None else keep & (target != ignore_index)
-    if num_classes > 0:  # one pass without boolean indexing: the uncounted elements become class 0
-        counted = target if keep is None else torch.where(keep, target, 0)
-        low, high = torch.aminmax(counted)
+    if keep is not None and num_classes > 0:  # without boolean indexing: uncounted elements as class 0
+        low, high = torch.aminmax(torch.where(keep, target, 0))
         if int(low) >= 0 and int(high) < num_classes:
             return
     valid = target if keep is None else target[keep]

@@ -46,6 +46,8 @@ def divide_by_count(total: Tensor, count: Tensor | float | int) -> Tensor:
     """
     if not isinstance(count, Tensor):  # a Python number: a tensor of it would be a host-to-device copy
         return total / (count if count > 0 else 1)
+    if not count.is_floating_point():  # an integer count: one op less than the `where` below
+        return total / count.clamp_min(1)
     count = count.detach().to(total.dtype)
     return total / torch.where(count > 0, count, 1.0)
 
