@@ -31,6 +31,7 @@ from lightning_losses.functional.cross_entropy import (
     FUSED_MIN_BYTES,
     fused_path,
     per_row_cross_entropy,
+    row_argmax,
     row_blocks,
     target_is_argmax,
 )
@@ -182,7 +183,7 @@ class _ChunkedSupCon(torch.autograd.Function):
             n_safe = n.clamp(min=1)
             loss_sum += torch.where(has_positive, log_normalizer - pos_sum / n_safe, 0.0).sum()
             positive_sum[rows], negative_sum[rows] = pos_sum, row_total - pos_sum
-            num_positives[rows], argmax[rows] = n, s.argmax(1)
+            num_positives[rows], argmax[rows] = n, row_argmax(s)
             if grad is None:
                 continue
             weight = has_positive.to(z.dtype)[:, None]

@@ -80,5 +80,6 @@ class CrossEntropyLoss(LossFunction):
             label_smoothing=self.label_smoothing,
             weight=self.class_weight,
         )
-        loss = self.scale * loss
+        if self.scale != 1.0:  # a multiply and its autograd node less a call
+            loss = self.scale * loss
         return LossOutput(loss, {"loss": loss.detach(), **metrics})
