@@ -355,7 +355,8 @@ def _cross_entropy(
         assert hits is not None
         with torch.no_grad():
             correct = (hits & keep).sum() if valid is None else torch.where(hits, valid, 0.0).sum()
-            accuracy = divide_by_count(correct, count)
+            accuracy = divide_by_count(correct, count)  # float32 from integer counts
+            accuracy = accuracy if accuracy.dtype == dtype else accuracy.to(dtype)
     if global_valid_toks is not None:
         return divide_by_count(total, global_valid_toks), accuracy
     if class_weight is not None:  # the mean's denominator weighs each valid element by its class weight
