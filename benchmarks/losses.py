@@ -55,6 +55,7 @@ from lightning_losses.functional import (
     info_nce_loss,
     supervised_contrastive_loss,
 )
+from lightning_losses.functional.cross_entropy import FUSED_MIN_ELEMENTS
 from lightning_losses.losses import (
     ContrastiveLoss,
     CrossEntropyLoss,
@@ -146,7 +147,11 @@ def _logit_cases(loss: str, sizes: Sequence[tuple[int, int]], device: str) -> li
                     "F.cross_entropy",
                     lambda x: F.cross_entropy(x["logits"], x["target"]),
                     True,
-                    note="ours: fused (one [N, C] tensor: the gradient); range check (CPU), accuracy by amax",
+                    note=(
+                        "ours: fused (one [N, C] tensor: the gradient); range check (CPU), accuracy by amax"
+                        if device == "cpu" and n * c >= FUSED_MIN_ELEMENTS
+                        else "ours: F.cross_entropy with ignore_index, range check (CPU), accuracy by argmax"
+                    ),
                 )
             ]
         elif loss == "focal_multiclass":
