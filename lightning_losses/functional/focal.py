@@ -38,7 +38,7 @@ from lightning_losses.protocol import (
     compute_dtype,
     value_checks_enabled,
 )
-from lightning_losses.reduction import divide_by_count, masked_mean
+from lightning_losses.reduction import divide_by_count, masked_mean, masked_sum
 
 __all__ = [
     "FOCAL_MODES",
@@ -413,10 +413,11 @@ class _SoftmaxFocal(torch.autograd.Function):
             else torch.empty(0, dtype=torch.bool, device=x.device)
         )
         factor = _power(rest, gamma) if gamma != 0 else torch.ones_like(rest)
-        focal = torch.where(keep, -factor * log_p_t, 0.0)
-        ratio = torch.where(rest > 0, log_p_t / torch.where(rest > 0, rest, 1.0), -1.0)
-        p_log_p_over_r = torch.where(p_t > 0, p_t * ratio, 0.0)
-        coefficient = torch.where(keep, factor * (1 - gamma * p_log_p_over_r), 0.0)
+        # p_t log p_t / r: its limit -1 at r = 0; 0 where p_t underflows (log p_t is finite)
+        p_log_p_over_r = torch.where(rest > 0, p_t * (log_p_t / rest), -1.0)
+        focal, coefficient = factor * log_p_t.neg(), factor * (1 - gamma * p_log_p_over_r)
+        if dropped is None or len(dropped):  # rows that do not count: 0 (none on a CPU without a host read)
+            focal, coefficient = torch.where(keep, focal, 0.0), torch.where(keep, coefficient, 0.0)
         ctx.save_for_backward(x, target, keep, coefficient, rest)
         ctx.dtype, ctx.dropped, ctx.grad = dtype, dropped, grad
         ctx.mark_non_differentiable(log_p_t, hits)
@@ -471,7 +472,7 @@ def _kept_rows(xb: Tensor, dropped: Tensor | None, block: slice, dtype: torch.dt
     """A block of logits in ``dtype``, the ``dropped`` rows set to 0 (no inf or NaN reaches their zero
     gradient); unchanged when ``dropped`` is None."""
     xb = xb.to(dtype)
-    if dropped is None:
+    if dropped is None or len(dropped) == 0:
         return xb
     local = dropped[(dropped >= block.start) & (dropped < block.stop)] - block.start
     return xb if len(local) == 0 else xb.index_fill(0, local, 0.0)
@@ -675,25 +676,35 @@ def _focal(
     dtype = compute_dtype(logits)
     alpha_value = _alpha_tensor(alpha, logits, mode, dtype)
     if mode == "multiclass":
-        valid = valid_mask(target, mask, ignore_index, dtype)
-        keep = valid != 0
-        safe_target = torch.where(keep, target, torch.zeros_like(target))
+        flat_target = target.reshape(-1)
+        if mask is None:  # the valid elements weigh 1: `keep` holds them
+            weights = None
+            keep = flat_target != (-1 if ignore_index is None else ignore_index)  # targets are >= 0
+        else:
+            weights = valid_mask(flat_target, mask.reshape(-1), ignore_index, dtype)
+            keep = weights != 0
+        safe_target = torch.where(keep, flat_target, 0)
         classes = logits.shape[-1]
         focal, log_p_t, hits = _SoftmaxFocal.apply(
-            logits.reshape(-1, classes), safe_target.reshape(-1), keep.reshape(-1), float(gamma), dtype,
+            logits.reshape(-1, classes), safe_target, keep, float(gamma), dtype,
             with_metrics, logits.requires_grad and torch.is_grad_enabled(),
         )  # fmt: skip
-        focal = focal.reshape(target.shape)
         if alpha_value is not None:
             focal = (alpha_value if alpha_value.ndim == 0 else alpha_value[safe_target]) * focal
-        loss = masked_mean(focal, valid, global_valid_toks)
+        # the focal terms are 0 where `keep` is False: no select needed to sum them
+        count = keep.sum() if weights is None else weights.sum()
+        total = focal.sum() if weights is None else (focal * weights).sum()
+        loss = divide_by_count(total, count if global_valid_toks is None else global_valid_toks)
         if not with_metrics:
             return loss, {}
         with torch.no_grad():
-            correct = hits.reshape(target.shape)
+            correct = (hits & keep).sum() if weights is None else torch.where(hits, weights, 0.0).sum()
+            accuracy = divide_by_count(correct, count)  # float32 from integer counts
             return loss, {
-                "p_t": masked_mean(log_p_t.reshape(target.shape).exp(), valid),
-                "accuracy": masked_mean(correct.to(dtype), valid),
+                "p_t": divide_by_count(
+                    masked_sum(log_p_t.exp(), keep if weights is None else weights), count
+                ),
+                "accuracy": accuracy if accuracy.dtype == dtype else accuracy.to(dtype),
             }
     shape = (-1, 1) if logits.ndim == 1 else (-1, logits.shape[-1])
     check_range = target.is_floating_point() and target.numel() > 0 and value_checks_enabled(target)
