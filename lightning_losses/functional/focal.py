@@ -492,7 +492,7 @@ def _block_weights(
     if ignore_index is None:
         return None
     if t.device.type == "cpu" and ignore_index not in (0, 1) and t.numel() > 0:
-        low, high = t.aminmax()
+        low, high = (bound.item() for bound in t.aminmax())  # Python comparisons: no more ops
         if low >= 0 and high <= 1:  # NaN fails both
             return None
     return (t != ignore_index).to(dtype)
@@ -579,14 +579,14 @@ class _SigmoidFocal(torch.autograd.Function):
         check_range: bool,
         with_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        sums = torch.zeros(4, dtype=dtype, device=x.device)
+        sums: list[Tensor] = []  # per block: [Σ w α_t ℓ, Σ w, Σ w p_t, Σ w·correct]
         # with_grad: the gradient of the sum is written here while each block's terms are at hand
         # (backward then only scales it); without, nothing [R, K] is kept
         grad = torch.empty_like(x) if with_grad else None
         for block in row_blocks(*x.shape, x.device):
             weights, xb, tb = _sigmoid_block(x, t, mask, block, ignore_index, dtype)
             if check_range:
-                low, high = tb.aminmax()
+                low, high = (bound.item() for bound in tb.aminmax())
                 if not (low >= 0 and high <= 1):  # NaN fails too
                     _check_binary_targets(t, mask, ignore_index)  # raises, naming the values seen
             loss, r, g = _sigmoid_focal_terms(xb, tb, alpha, gamma, grad is not None)
@@ -594,24 +594,30 @@ class _SigmoidFocal(torch.autograd.Function):
             wrong = torch.sign(xb).clamp_(min=0).sub_(torch.sign(tb - 0.5).clamp_(min=0)).square_()
             if weights is None:
                 count = loss.new_full((), xb.numel())  # a fill on the device, no host copy
-                sums += torch.stack([loss.sum(), count, count - r.sum(), count - wrong.sum()])
+                sums.append(torch.stack([loss.sum(), count, count - r.sum(), count - wrong.sum()]))
             else:
                 count = weights.sum()
                 w = weights.reshape(-1)
-                sums += torch.stack(
-                    [
-                        torch.dot(w, loss.reshape(-1)),
-                        count,
-                        count - torch.dot(w, r.reshape(-1)),
-                        count - torch.dot(w, wrong.reshape(-1)),
-                    ]
+                sums.append(
+                    torch.stack(
+                        [
+                            torch.dot(w, loss.reshape(-1)),
+                            count,
+                            count - torch.dot(w, r.reshape(-1)),
+                            count - torch.dot(w, wrong.reshape(-1)),
+                        ]
+                    )
                 )
             if grad is not None and g is not None:
                 _write_block(grad, block, g if weights is None else g.mul_(weights))
         ctx.save_for_backward(x, t, mask, alpha)
         ctx.options = (ignore_index, gamma, dtype)
         ctx.grad = grad
-        loss_sum, weight_sum, p_t_sum, correct_sum = sums.unbind()
+        if len(sums) == 1:  # one block (small inputs): no stack and sum
+            total = sums[0]
+        else:  # several, or none (no rows)
+            total = torch.stack(sums).sum(0) if sums else torch.zeros(4, dtype=dtype, device=x.device)
+        loss_sum, weight_sum, p_t_sum, correct_sum = total.unbind()
         ctx.mark_non_differentiable(weight_sum, p_t_sum, correct_sum)
         return loss_sum, weight_sum, p_t_sum, correct_sum
 
@@ -722,7 +728,5 @@ def _focal(
     loss = divide_by_count(loss_sum, weight_sum if global_valid_toks is None else global_valid_toks)
     if not with_metrics:
         return loss, {}
-    return loss, {
-        "p_t": divide_by_count(p_t_sum, weight_sum),
-        "accuracy": divide_by_count(correct_sum, weight_sum),
-    }
+    count = torch.where(weight_sum > 0, weight_sum, 1.0)  # divide_by_count's count, made once for both
+    return loss, {"p_t": p_t_sum / count, "accuracy": correct_sum / count}
