@@ -682,7 +682,7 @@ def _focal(
     dtype = compute_dtype(logits)
     alpha_value = _alpha_tensor(alpha, logits, mode, dtype)
     if mode == "multiclass":
-        flat_target = target.reshape(-1)
+        flat_target = (target if target.dtype == torch.int64 else target.long()).reshape(-1)  # gather's
         if mask is None:  # the valid elements weigh 1: `keep` holds them
             weights = None
             keep = flat_target != (-1 if ignore_index is None else ignore_index)  # targets are >= 0

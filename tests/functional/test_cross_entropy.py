@@ -239,3 +239,15 @@ def test_loss_module_counts_tokens_from_the_renamed_mask_key():
         weighted.loss(**kwargs).loss,
         F.cross_entropy(outputs["logits"], plain_batch["target"], weight=torch.tensor(weights)),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_target_dtype_equals_int64(dtype):
+    """F.cross_entropy itself takes int64 (or uint8) targets only: others are cast, not refused."""
+    logits = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))
+    target = torch.tensor([0, 4, 2, 2, 1, 3, 0])
+    expected = CrossEntropyLoss()(logits, target)
+    actual = CrossEntropyLoss()(logits, target.to(dtype))
+    torch.testing.assert_close(actual.loss, expected.loss)
+    torch.testing.assert_close(actual.metrics["accuracy"], expected.metrics["accuracy"])
+    torch.testing.assert_close(actual.loss, F.cross_entropy(logits, target))

@@ -728,3 +728,15 @@ def test_log_p_t_is_exact_near_one_and_where_p_t_underflows(host_reads):
     expected = torch.log_softmax(x.double(), -1)[:, 0]
     # relative, also near 0 (log(p_t) there would be 0); fp32 softmax tails hold ~3 digits at e^-30
     torch.testing.assert_close(log_p_t.double(), expected, rtol=1e-2, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_multiclass_takes_any_integer_target_dtype(dtype):
+    """gather takes int64/int32 indices only: other integer targets are cast, not refused."""
+    logits = torch.randn(7, 5, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    target = torch.tensor([0, 4, 2, 2, 1, 3, 0])
+    expected = focal_loss(logits, target, gamma=2.0)
+    actual = focal_loss(logits, target.to(dtype), gamma=2.0)
+    torch.testing.assert_close(actual, expected)
+    reference = brute_force_multiclass_focal(logits.detach(), target, torch.ones(7), gamma=2.0)
+    torch.testing.assert_close(expected.double(), torch.as_tensor(reference, dtype=torch.float64))
