@@ -380,11 +380,15 @@ def test_info_nce_accuracy_breaks_ties_as_argmax_does():
     assert InfoNCELoss(normalize=False)(a, b).metrics["accuracy"] == sum(hits) / 6
 
 
-def test_info_nce_whole_matrix_function_equals_plain_ops(monkeypatch):
+@pytest.mark.parametrize("one_product", [True, False], ids=["(G+G^T)y", "Gy+G^Ty"])
+def test_info_nce_whole_matrix_function_equals_plain_ops(monkeypatch, one_product):
     """The fused function (eager CPU batches below ``FUSED_MIN_BYTES``) against the plain ops in
     float64: loss, metrics and gradients of both views, for normalized and raw rows; its own gradient
     through the normalization also where ``F.normalize`` clamps the norm (a zero row, a row of norm
-    below 1e-12) and for a long row. Plus fp64 gradcheck of the fused function."""
+    below 1e-12) and for a long row. Plus fp64 gradcheck of the fused function. Both forms of its
+    gradient's product (the second is what large batches take)."""
+    if not one_product:
+        monkeypatch.setattr(CONTRASTIVE_MODULE, "_TRANSPOSED_ADD_MAX_BYTES", 0)
     g = torch.Generator().manual_seed(11)
     a = torch.randn(9, 5, generator=g, dtype=torch.float64)
     b = a + 0.5 * torch.randn(9, 5, generator=g, dtype=torch.float64)
