@@ -602,6 +602,8 @@ def _info_nce(
         # similarities z_i·z_j (not over τ) from [2N, D] sums: Σ_{i≠j} z_i·z_j = ‖Σ_i z_i‖² − Σ_i ‖z_i‖²
         column_sum, flat = z.sum(0), z.flatten()
         negative_sum = torch.dot(column_sum, column_sum).sub_(torch.dot(flat, flat)).sub_(positive_sum)
+        if num_negatives == 0:  # one pair: no negative, and the difference above is a rounding residue
+            negative_sum = negative_sum.zero_()
         metrics = {
             "accuracy": hits.mean(dtype=dtype),  # num_pairs > 0 here
             "mean_positive_similarity": positive_sum / (2 * num_pairs),
@@ -732,16 +734,18 @@ def _supervised_contrastive(
     if not with_metrics:
         return loss, {}
     with torch.no_grad():
-        similarity = torch.where(not_self, logits * temperature, 0.0)
-        negatives = not_self & ~positives
+        # no [M, M] pass: the positives' sum is the loss's, and every pair's from [M, D] sums
+        # (Σ_{i≠j} z_i·z_j = ‖Σ_i z_i‖² − Σ_i ‖z_i‖²), as InfoNCE's metrics
+        total_positives = num_positives.sum()
+        positive_sum = positive_logit_sum.sum() * temperature
+        column_sum, flat = z.sum(0), z.flatten()
+        negative_sum = torch.dot(column_sum, column_sum).sub_(torch.dot(flat, flat)).sub_(positive_sum)
+        num_negatives = len(z) * (len(z) - 1) - total_positives
+        negative_sum = torch.where(num_negatives > 0, negative_sum, 0.0)  # not a rounding residue
         metrics = {
             "anchors_with_positives": has_positive.to(dtype).mean(),
-            "mean_positive_similarity": divide_by_count(
-                torch.where(positives, similarity, 0.0).sum(), num_positives.sum()
-            ),
-            "mean_negative_similarity": divide_by_count(
-                torch.where(negatives, similarity, 0.0).sum(), negatives.sum()
-            ),
+            "mean_positive_similarity": divide_by_count(positive_sum, total_positives),
+            "mean_negative_similarity": divide_by_count(negative_sum, num_negatives),
         }
     return loss, metrics
 

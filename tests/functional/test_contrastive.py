@@ -473,6 +473,33 @@ def test_supcon_metrics():
     assert metrics["anchors_with_positives"].item() == 0.5
 
 
+def test_supcon_metrics_equal_a_pairwise_loop_with_several_views():
+    """The similarity means come from [M, D] sums, not an [M, M] pass: against a loop over pairs."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 2, 3, generator=g, dtype=torch.float64)
+    target = torch.tensor([0, 1, 0, 2, 1])
+    _, metrics = SupConLoss(normalize=False)(x, target)
+    rows, labels = x.reshape(10, 3), target.repeat_interleave(2)
+    pairs = [(i, j) for i in range(10) for j in range(10) if i != j]
+    positive = [float(rows[i] @ rows[j]) for i, j in pairs if labels[i] == labels[j]]
+    negative = [float(rows[i] @ rows[j]) for i, j in pairs if labels[i] != labels[j]]
+    expected = torch.tensor(
+        [sum(positive) / len(positive), sum(negative) / len(negative)], dtype=torch.float64
+    )
+    actual = torch.stack([metrics["mean_positive_similarity"], metrics["mean_negative_similarity"]])
+    torch.testing.assert_close(actual, expected)
+
+
+def test_similarity_means_without_negatives_are_exactly_zero():
+    """One label (SupCon) or one pair (InfoNCE): no negative pair, so 0, not the rounding residue of
+    the [M, D] sums' difference."""
+    x = torch.tensor([[1.0, 2.0], [0.3, 0.7], [-1.1, 0.2]])
+    metrics = SupConLoss(normalize=False)(x, torch.tensor([4, 4, 4])).metrics
+    assert metrics["mean_negative_similarity"].item() == 0.0
+    metrics = InfoNCELoss(normalize=False)(x[:1], x[1:2]).metrics
+    assert metrics["mean_negative_similarity"].item() == 0.0
+
+
 # ----------------------------------------------------------------------------------------------------
 # the chunked path of SupCon and InfoNCE against the whole-matrix path
 # ----------------------------------------------------------------------------------------------------
