@@ -529,6 +529,18 @@ class _WholeInfoNCE(torch.autograd.Function):
         return _scaled(ctx.grad, grad_loss), None, None, None, None
 
 
+def _negative_similarity_sum(z: Tensor, positive_sum: Tensor, num_negatives: Tensor | int) -> Tensor:
+    r"""``Σ z_i·z_j`` over the negative pairs of rows ``z [M, D]``: every pair's sum from ``[M, D]`` sums,
+    :math:`\sum_{i \ne j} z_i \cdot z_j = \lVert \sum_i z_i \rVert^2 - \sum_i \lVert z_i \rVert^2` (no
+    ``[M, M]`` pass), less the positives' ``positive_sum``. 0 without negatives, where the difference
+    would be a rounding residue."""
+    column_sum, flat = z.sum(0), z.flatten()
+    total = torch.dot(column_sum, column_sum).sub_(torch.dot(flat, flat)).sub_(positive_sum)
+    if isinstance(num_negatives, int):
+        return total if num_negatives else total.zero_()
+    return torch.where(num_negatives > 0, total, 0.0)
+
+
 def _similarity_logits(z: Tensor, temperature: float, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(z', logits, not_self)``: normalized rows, ``z' z'^T / τ`` with ``-inf`` on the diagonal."""
     if normalize:
@@ -599,11 +611,8 @@ def _info_nce(
         with torch.no_grad():
             positive_sum = torch.dot(z[:num_pairs].flatten(), z[num_pairs:].flatten()) * 2
     with torch.no_grad():
-        # similarities z_i·z_j (not over τ) from [2N, D] sums: Σ_{i≠j} z_i·z_j = ‖Σ_i z_i‖² − Σ_i ‖z_i‖²
-        column_sum, flat = z.sum(0), z.flatten()
-        negative_sum = torch.dot(column_sum, column_sum).sub_(torch.dot(flat, flat)).sub_(positive_sum)
-        if num_negatives == 0:  # one pair: no negative, and the difference above is a rounding residue
-            negative_sum = negative_sum.zero_()
+        # similarities z_i·z_j (not over τ), from [2N, D] sums
+        negative_sum = _negative_similarity_sum(z, positive_sum, num_negatives)
         metrics = {
             "accuracy": hits.mean(dtype=dtype),  # num_pairs > 0 here
             "mean_positive_similarity": positive_sum / (2 * num_pairs),
@@ -734,14 +743,11 @@ def _supervised_contrastive(
     if not with_metrics:
         return loss, {}
     with torch.no_grad():
-        # no [M, M] pass: the positives' sum is the loss's, and every pair's from [M, D] sums
-        # (Σ_{i≠j} z_i·z_j = ‖Σ_i z_i‖² − Σ_i ‖z_i‖²), as InfoNCE's metrics
+        # no [M, M] pass: the positives' sum is the loss's (see `_negative_similarity_sum`)
         total_positives = num_positives.sum()
         positive_sum = positive_logit_sum.sum() * temperature
-        column_sum, flat = z.sum(0), z.flatten()
-        negative_sum = torch.dot(column_sum, column_sum).sub_(torch.dot(flat, flat)).sub_(positive_sum)
         num_negatives = len(z) * (len(z) - 1) - total_positives
-        negative_sum = torch.where(num_negatives > 0, negative_sum, 0.0)  # not a rounding residue
+        negative_sum = _negative_similarity_sum(z, positive_sum, num_negatives)
         metrics = {
             "anchors_with_positives": has_positive.to(dtype).mean(),
             "mean_positive_similarity": divide_by_count(positive_sum, total_positives),

@@ -321,12 +321,15 @@ def _cross_entropy(
     else:
         valid = valid_mask(target, mask, ignore_index, dtype).reshape(-1)
         keep = valid != 0
-    fused = flat_logits.device.type == "cpu" and flat_logits.numel() >= FUSED_MIN_ELEMENTS
+    fused = flat_logits.device.type == "cpu" and flat_logits.numel() >= FUSED_MIN_ELEMENTS and fused_path()
+    # in-range targets (class 0 for the elements that do not count), where an op indexes with them
+    needs_safe = fused or valid is not None or class_weight is not None
+    safe_target = torch.where(keep, flat_target, 0) if needs_safe else flat_target
     hits = None
-    if fused and fused_path():
+    if fused:
         smoothing, need_grad = float(label_smoothing), _needs_grad(flat_logits)
         per_element, hits = _CrossEntropy.apply(
-            flat_logits, torch.where(keep, flat_target, 0), class_weight, smoothing, need_accuracy, need_grad
+            flat_logits, safe_target, class_weight, smoothing, need_accuracy, need_grad
         )
         total = torch.where(keep, per_element if valid is None else per_element * valid, 0.0).sum()
     else:
@@ -342,7 +345,7 @@ def _cross_entropy(
         else:  # masked-out targets may be out of range: class 0 stands in for them
             per_element = F.cross_entropy(
                 flat_logits,
-                torch.where(keep, flat_target, 0),
+                safe_target,
                 weight=class_weight,
                 reduction="none",
                 label_smoothing=label_smoothing,
@@ -361,7 +364,7 @@ def _cross_entropy(
     if global_valid_toks is not None:
         return divide_by_count(total, global_valid_toks), accuracy
     if class_weight is not None:  # the mean's denominator weighs each valid element by its class weight
-        weights = class_weight[torch.where(keep, flat_target, 0)]
+        weights = class_weight[safe_target]
         count = torch.where(keep, weights, 0.0).sum() if valid is None else (valid * weights).sum()
     return divide_by_count(total, count), accuracy
 

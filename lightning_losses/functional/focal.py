@@ -685,7 +685,11 @@ def _focal(
         flat_target = (target if target.dtype == torch.int64 else target.long()).reshape(-1)  # gather's
         if mask is None:  # the valid elements weigh 1: `keep` holds them
             weights = None
-            keep = flat_target != (-1 if ignore_index is None else ignore_index)  # targets are >= 0
+            keep = (
+                torch.ones_like(flat_target, dtype=torch.bool)
+                if ignore_index is None
+                else flat_target != ignore_index
+            )
         else:
             weights = valid_mask(flat_target, mask.reshape(-1), ignore_index, dtype)
             keep = weights != 0
