@@ -454,9 +454,21 @@ second product (256 rows: 99 against 121 µs on this project's CPU; 768: 906 aga
 it far dearer (1024 rows: 4.2 against 1.9 ms; 2048: 17.4 against 7.3 ms)."""
 
 
+def _positive_pairs(matrix: Tensor) -> Tensor:
+    """The ``[2, N]`` view of a contiguous ``[2N, 2N]`` matrix's entries ``(i, i + N)`` (row 0) and ``(i +
+    N, i)`` (row 1): both diagonals step by ``2N + 1``, so one strided view holds them (one op per
+    fill, copy or read where two diagonals take two)."""
+    num_rows = len(matrix)
+    num_pairs = num_rows // 2
+    first = matrix.storage_offset() + num_pairs  # (0, N); (N, 0) lies N·2N - N further on
+    return matrix.as_strided((2, num_pairs), (num_pairs * num_rows - num_pairs, num_rows + 1), first)
+
+
 class _WholeInfoNCE(torch.autograd.Function):
-    r"""InfoNCE of rows ``z [M, D]`` (``M = 2N``; row :math:`i`'s positive is row :math:`(i + N) \bmod M`)
-    from one ``[M, M]`` matrix, the gradient written in the forward pass. Returns ``(loss,
+    r"""InfoNCE of the two views ``embeddings, positive_embeddings [N, D]``, stacked in ``dtype`` as rows
+    ``z [M, D]`` (``M = 2N``; row :math:`i`'s positive is row :math:`(i + N) \bmod M`), from one ``[M, M]``
+    matrix, the gradient written in the forward pass. Taking the views rather than ``z`` keeps the stack
+    out of the autograd graph (no concatenation's backward node). Returns ``(loss,
     positive_logit_sum, hits, y)``, the middle two None without ``need_hits``; only ``loss`` is
     differentiable. ``hits [M]`` says whether the positive is the row's argmax (from the largest other
     logit; argmax itself only for tied rows); ``y`` is the rows the similarities are made of:
@@ -474,22 +486,30 @@ class _WholeInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, z: Tensor, temperature: float, normalize: bool, need_hits: bool, need_grad: bool
+        ctx: Any,
+        embeddings: Tensor,
+        positive_embeddings: Tensor,
+        dtype: torch.dtype,
+        temperature: float,
+        normalize: bool,
+        need_hits: bool,
+        need_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        z = torch.cat([embeddings.to(dtype), positive_embeddings.to(dtype)])
         num_rows, num_pairs = len(z), len(z) // 2
         norms = z.norm(dim=1, keepdim=True) if normalize else None
         y = z / norms.clamp_min(_NORMALIZE_EPS) if norms is not None else z
-        logits = torch.mm(y, y.T).div_(temperature).fill_diagonal_(float("-inf"))
-        # s[i, i + N] and s[i + N, i]: the positives of rows 0..N-1 and N..2N-1
-        positives = (logits.diagonal(num_pairs), logits.diagonal(-num_pairs))
-        positive_logits = torch.cat(positives)
+        no_input = y.new_zeros(())  # addmm's input, ignored with beta=0: the scale goes into the product
+        logits = torch.addmm(no_input, y, y.T, beta=0, alpha=1.0 / temperature)
+        logits.fill_diagonal_(float("-inf"))
+        positives = _positive_pairs(logits)
+        # rows 0..N-1's positives' logits, then N..2N-1's: a copy (flatten would view a [2, 1] pair)
+        positive_logits = positives.clone(memory_format=torch.contiguous_format).view(-1)
         hits = positive_logit_sum = None
         if need_hits:  # the largest other logit (positives masked for a moment) decides, not an argmax
-            for diagonal in positives:
-                diagonal.fill_(float("-inf"))
+            positives.fill_(float("-inf"))
             other_max = logits.amax(1)
-            for diagonal, values in zip(positives, positive_logits.split(num_pairs), strict=True):
-                diagonal.copy_(values)
+            positives.copy_(positive_logits.view(2, num_pairs))
             hits = target_is_argmax(  # argmax for ties; their partners (i + N) mod 2N made only then
                 logits, lambda rows: rows.add(num_pairs).remainder_(num_rows), positive_logits, other_max
             )
@@ -506,27 +526,29 @@ class _WholeInfoNCE(torch.autograd.Function):
         grad = None
         if need_grad:
             g = p  # p - Y, in place
-            for diagonal in (g.diagonal(num_pairs), g.diagonal(-num_pairs)):
-                diagonal.sub_(1.0)
+            _positive_pairs(g).sub_(1.0)
             scale = 1.0 / (num_rows * temperature)
             if g.numel() * g.element_size() < _TRANSPOSED_ADD_MAX_BYTES:
-                grad = torch.mm(torch.add(g, g.T), y).mul_(scale)
+                grad = torch.addmm(no_input, torch.add(g, g.T), y, beta=0, alpha=scale)
             else:  # G y + G^T y as two products: the add's strided reads of G^T then cost more
                 grad = torch.addmm(torch.mm(g, y), g.T, y, beta=scale, alpha=scale)
             if norms is not None:
                 radial = torch.where(norms <= _NORMALIZE_EPS, 0.0, torch.linalg.vecdot(y, grad)[:, None])
                 grad = grad.addcmul_(y, radial, value=-1.0).div_(norms.clamp_min_(_NORMALIZE_EPS))
         ctx.grad = grad
+        ctx.view_dtypes = (embeddings.dtype, positive_embeddings.dtype)
         ctx.mark_non_differentiable(*(t for t in (positive_logit_sum, hits, y) if t is not None))
         ctx.set_materialize_grads(False)  # no zero gradients made for the non-differentiable outputs
         return loss, positive_logit_sum, hits, y
 
     @staticmethod
     @once_differentiable
-    def backward(
-        ctx: Any, grad_loss: Tensor | None, *_: Tensor | None
-    ) -> tuple[Tensor | None, None, None, None, None]:
-        return _scaled(ctx.grad, grad_loss), None, None, None, None
+    def backward(ctx: Any, grad_loss: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
+        grad = _scaled(ctx.grad, grad_loss)
+        if grad is None:
+            return (None,) * 8
+        views = (view.to(dtype) for view, dtype in zip(grad.chunk(2), ctx.view_dtypes, strict=True))
+        return *views, None, None, None, None, None, None
 
 
 def _negative_similarity_sum(z: Tensor, positive_sum: Tensor, num_negatives: Tensor | int) -> Tensor:
@@ -567,39 +589,48 @@ def _info_nce(
     check_chunk_size(chunk_size)
 
     dtype = compute_dtype(embeddings, positive_embeddings)
-    z = torch.cat([embeddings.to(dtype), positive_embeddings.to(dtype)])
     num_pairs = len(embeddings)
     num_negatives = 2 * num_pairs * (2 * num_pairs - 2)
-    if chunk_size is not None:  # SupCon with the two views of pair i labelled i: one positive each
-        if normalize:
-            z = F.normalize(z, dim=-1)
-        labels = torch.arange(num_pairs, device=z.device).repeat(2)
-        loss, positive_sum, negative_sum, _, argmax = _chunked(z, labels, temperature, chunk_size)
-        if not with_metrics:
-            return loss, {}
-        partner = (torch.arange(2 * num_pairs, device=z.device) + num_pairs) % (2 * num_pairs)
-        return loss, {
-            "accuracy": divide_by_count((argmax == partner).to(dtype).sum(), 2 * num_pairs),
-            "mean_positive_similarity": divide_by_count(positive_sum.sum() * temperature, 2 * num_pairs),
-            "mean_negative_similarity": divide_by_count(negative_sum.sum() * temperature, num_negatives),
-        }
-    if num_pairs == 0:  # no anchor: 0 with a zero gradient, as the chunked path gives
-        loss = z.sum() * 0.0
-        keys = ("accuracy", "mean_positive_similarity", "mean_negative_similarity")
-        return loss, (dict.fromkeys(keys, loss.detach()) if with_metrics else {})
     # Below FUSED_MIN_BYTES the whole matrix fits recycled heap memory: one fused function (the
-    # normalization too). Above it (and on a GPU or under compile), s = z z^T / τ with -inf on the
-    # diagonal, in place on the product (backward needs z, not s), then the cross-entropy of each row
-    # against its partner's column, which on a CPU walks over blocks of rows (no [2N, 2N] log-probs).
-    if fused_path() and z.device.type == "cpu" and len(z) ** 2 * z.element_size() < FUSED_MIN_BYTES:
-        need_grad = torch.is_grad_enabled() and z.requires_grad
+    # stacking and normalization too). Above it (and on a GPU or under compile), s = z z^T / τ with
+    # -inf on the diagonal, in place on the product (backward needs z, not s), then the cross-entropy
+    # of each row against its partner's column, which on a CPU walks over blocks of rows (no [2N, 2N]
+    # log-probs).
+    if (
+        chunk_size is None
+        and num_pairs > 0
+        and fused_path()
+        and embeddings.device.type == "cpu"
+        and (2 * num_pairs) ** 2 * dtype.itemsize < FUSED_MIN_BYTES
+    ):
+        need_grad = torch.is_grad_enabled() and (
+            embeddings.requires_grad or positive_embeddings.requires_grad
+        )
         loss, positive_logit_sum, hits, z = _WholeInfoNCE.apply(
-            z, temperature, normalize, with_metrics, need_grad
+            embeddings, positive_embeddings, dtype, temperature, normalize, with_metrics, need_grad
         )
         if not with_metrics:
             return loss, {}
         positive_sum = positive_logit_sum * temperature
     else:
+        z = torch.cat([embeddings.to(dtype), positive_embeddings.to(dtype)])
+        if chunk_size is not None:  # SupCon with the two views of pair i labelled i: one positive each
+            if normalize:
+                z = F.normalize(z, dim=-1)
+            labels = torch.arange(num_pairs, device=z.device).repeat(2)
+            loss, positive_sum, negative_sum, _, argmax = _chunked(z, labels, temperature, chunk_size)
+            if not with_metrics:
+                return loss, {}
+            partner = (torch.arange(2 * num_pairs, device=z.device) + num_pairs) % (2 * num_pairs)
+            return loss, {
+                "accuracy": divide_by_count((argmax == partner).to(dtype).sum(), 2 * num_pairs),
+                "mean_positive_similarity": divide_by_count(positive_sum.sum() * temperature, 2 * num_pairs),
+                "mean_negative_similarity": divide_by_count(negative_sum.sum() * temperature, num_negatives),
+            }
+        if num_pairs == 0:  # no anchor: 0 with a zero gradient, as the chunked path gives
+            loss = z.sum() * 0.0
+            keys = ("accuracy", "mean_positive_similarity", "mean_negative_similarity")
+            return loss, (dict.fromkeys(keys, loss.detach()) if with_metrics else {})
         if normalize:
             z = F.normalize(z, dim=-1)
         logits = torch.mm(z, z.T).div_(temperature).fill_diagonal_(float("-inf"))

@@ -414,6 +414,44 @@ def test_info_nce_whole_matrix_function_equals_plain_ops(monkeypatch, one_produc
             torch.testing.assert_close(metrics[key], value, msg=key)
 
 
+@pytest.mark.parametrize("num_pairs", [1, 6])
+@pytest.mark.parametrize(
+    ("dtypes", "needs_grad"),
+    [
+        ((torch.float32, torch.float32), (True, False)),
+        ((torch.float32, torch.float32), (False, True)),
+        ((torch.bfloat16, torch.float32), (True, True)),
+        ((torch.float64, torch.bfloat16), (True, True)),
+    ],
+)
+def test_info_nce_whole_matrix_function_gives_each_view_its_gradient(
+    monkeypatch, num_pairs, dtypes, needs_grad
+):
+    """The fused function stacks the views itself: each view that asks for a gradient gets the plain
+    ops' gradient in its own dtype, the other none; one pair included (its positives a [2, 1] view)."""
+    g = torch.Generator().manual_seed(5)
+    views = [torch.randn(num_pairs, 4, generator=g).to(dtype) for dtype in dtypes]
+
+    def run():
+        leaves = [view.clone().requires_grad_(needs) for view, needs in zip(views, needs_grad, strict=True)]
+        loss, metrics = info_nce_loss_with_metrics(*leaves, temperature=0.5)
+        loss.backward()
+        return loss, [leaf.grad for leaf in leaves], metrics
+
+    fused = run()
+    monkeypatch.setattr(CONTRASTIVE_MODULE, "fused_path", lambda: False)
+    plain = run()
+    torch.testing.assert_close(fused[0], plain[0])
+    for view, needs, grad, plain_grad in zip(views, needs_grad, fused[1], plain[1], strict=True):
+        if not needs:
+            assert grad is None
+            continue
+        assert grad.dtype == view.dtype
+        torch.testing.assert_close(grad, plain_grad)
+    for key, value in plain[2].items():
+        torch.testing.assert_close(fused[2][key], value, msg=key)
+
+
 def test_info_nce_whole_matrix_function_without_grad_computes_no_gradient():
     a, b = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
