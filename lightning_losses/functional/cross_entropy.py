@@ -226,18 +226,20 @@ def target_zeroed_softmax(
 
 
 def per_row_cross_entropy(
-    logits: Tensor, target: Tensor, need_hits: bool = False
+    logits: Tensor, target: Tensor, need_hits: bool = False, *, min_fused_bytes: int | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """``(F.cross_entropy(logits, target, reduction="none"), logits.argmax(-1) == target or None)`` for
     ``[R, C]`` logits and in-range ``target [R]``: by the fused function for CPU logits of
-    :data:`FUSED_MIN_BYTES` or more in eager mode, else by plain ops (under compile, on a GPU, or small
-    enough that a fresh ``[R, C]`` tensor costs no page faults and the plain kernels win).
+    ``min_fused_bytes`` (default :data:`FUSED_MIN_BYTES`) or more in eager mode, else by plain ops (under
+    compile, on a GPU, or small enough that a fresh ``[R, C]`` tensor costs no page faults and the plain
+    kernels win).
 
     >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     >>> per_row_cross_entropy(logits, torch.tensor([0, 0]), need_hits=True)
     (tensor([0.1269, 2.1269]), tensor([ True, False]))
     """
-    fused = logits.device.type == "cpu" and logits.numel() * logits.element_size() >= FUSED_MIN_BYTES
+    threshold = FUSED_MIN_BYTES if min_fused_bytes is None else min_fused_bytes
+    fused = logits.device.type == "cpu" and logits.numel() * logits.element_size() >= threshold
     if not (fused and fused_path()):
         hits = row_argmax(logits.detach()) == target if need_hits else None
         return F.cross_entropy(logits, target, reduction="none"), hits

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_losses.functional.sequence_policy import _aligned, check_token_inputs
+from lightning_losses.functional.sequence_policy import _aligned, check_token_inputs, taken_log_probs
 from lightning_losses.protocol import (
     check_class_targets,
     compute_dtype,
@@ -46,13 +46,12 @@ def token_log_probs(
     """
     check_token_inputs(next_token_logits, input_ids, token_mask)
     dtype = compute_dtype(next_token_logits) if dtype is None else dtype
-    logits, tokens, mask = _aligned(next_token_logits, input_ids, token_mask, shift)
-    check_class_targets("input_ids", tokens, logits.shape[-1], mask=mask)
-    weights = torch.ones(tokens.shape, dtype=dtype, device=logits.device) if mask is None else mask.to(dtype)
+    _, tokens, mask = _aligned(next_token_logits, input_ids, token_mask, shift)
+    check_class_targets("input_ids", tokens, next_token_logits.shape[-1], mask=mask)
+    weights = torch.ones(tokens.shape, dtype=dtype, device=tokens.device) if mask is None else mask.to(dtype)
     valid = weights != 0
     safe_tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
-    logits = logits.to(dtype)
-    taken = logits.gather(-1, safe_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    taken = taken_log_probs(next_token_logits, safe_tokens, shift, dtype)
     return torch.where(valid, taken, torch.zeros_like(taken)), weights
 
 
@@ -76,8 +75,9 @@ def nll_loss(
     batch. Maximum likelihood / teacher forcing; NeMo RL's ``NLLLoss``. Computed in float32 (float64 for
     float64 logits). No valid token gives exactly 0 with a zero gradient. A NaN in a token that counts makes
     the loss NaN (no value is checked: ``LossModule``'s ``nan_policy`` sees it); in the logits of a masked
-    token it stays out of the loss but may show in that row's own gradient (log-softmax's backward
-    multiplies it by 0; removing it would copy the whole ``[B, T, V]`` logits).
+    token it stays out of the loss but may show in that row's own gradient (the softmax's gradient multiplies
+    it by 0, as it does a NaN at the last position with ``shift``, which scores nothing; removing it would
+    copy the whole ``[B, T, V]`` logits).
 
     Args:
         next_token_logits: ``[B, T, V]``, any floating dtype.

@@ -8,7 +8,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_losses.functional.sequence_policy import check_token_inputs
+from lightning_losses.functional.sequence_policy import check_token_inputs, taken_log_probs
 from lightning_losses.protocol import (
     check_class_targets,
     check_floating,
@@ -172,14 +172,14 @@ def clipped_pg_loss(
       / N_{seq}`, :math:`N_{seq}` = ``global_valid_seqs`` or :math:`\sum_i s_i`.
 
     :math:`\log\pi` comes from ``next_token_logits`` (log-softmax in float32, float64 for float64 inputs);
-    ``prev_logprobs``, ``reference_logprobs`` and ``advantages`` are constants. With ``shift=True`` (NeMo
-    RL's convention) logits ``[:, :-1]`` score ``input_ids[:, 1:]`` and the ``[B, T]`` inputs
-    (``prev_logprobs``, ``reference_logprobs``, ``token_mask``, per-token ``advantages``) are read at
-    ``[:, 1:]``. Masked tokens and samples may hold anything (NaN, padding ids) and never reach the result;
-    no valid token gives exactly 0 with a zero gradient. In the *logits* of a masked token a NaN stays out
-    of the loss but may show in that row's own gradient (log-softmax's backward multiplies it by 0;
-    removing it would copy the whole ``[B, T, V]`` logits). A NaN that counts makes the loss NaN (no value
-    is checked: ``LossModule``'s ``nan_policy`` sees it).
+    ``prev_logprobs``, ``reference_logprobs`` and ``advantages`` are constants. With ``shift=True`` (NeMo RL's
+    convention) logits ``[:, :-1]`` score ``input_ids[:, 1:]`` and the ``[B, T]`` inputs (``prev_logprobs``,
+    ``reference_logprobs``, ``token_mask``, per-token ``advantages``) are read at ``[:, 1:]``. Masked tokens
+    and samples may hold anything (NaN, padding ids) and never reach the result; no valid token gives exactly
+    0 with a zero gradient. In the *logits* of a masked token a NaN stays out of the loss but may show in that
+    row's own gradient (the softmax's gradient multiplies it by 0, as it does a NaN at the last position with
+    ``shift``, which scores nothing; removing it would copy the whole ``[B, T, V]`` logits). A NaN that counts
+    makes the loss NaN (no value is checked: ``LossModule``'s ``nan_policy`` sees it).
 
     Args:
         next_token_logits: ``[B, T, V]`` the current policy's logits.
@@ -241,20 +241,18 @@ def clipped_pg_loss(
     def tokens_of(tensor: Tensor) -> Tensor:  # a [B, T] input at the positions the logits score
         return tensor[:, 1:] if shift else tensor
 
-    logits = next_token_logits[:, :-1] if shift else next_token_logits
     tokens = tokens_of(input_ids)
     full_mask = torch.ones(batch, steps, dtype=dtype, device=device) if token_mask is None else token_mask
     weights = policy_valid_tokens(full_mask, sample_mask, shift).to(dtype)
     valid = weights != 0
-    check_class_targets("input_ids", tokens, logits.shape[-1], mask=valid)
+    check_class_targets("input_ids", tokens, next_token_logits.shape[-1], mask=valid)
 
     def constant(tensor: Tensor) -> Tensor:  # detached, zero where not valid (a NaN there never leaks)
         tensor = tensor.detach().to(dtype)
         return torch.where(valid, tensor, torch.zeros_like(tensor))
 
     safe_tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
-    logits = logits.to(dtype)
-    taken = logits.gather(-1, safe_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    taken = taken_log_probs(next_token_logits, safe_tokens, shift, dtype)
     logprobs = torch.where(valid, taken, torch.zeros_like(taken))
     old = constant(tokens_of(prev_logprobs))
     adv = advantages.reshape(batch, 1).expand(batch, steps) if advantages.ndim == 1 else advantages

@@ -101,12 +101,13 @@ def dpo_loss(
     ``shift`` its column 0 is never read), a constant (detached). ``sample_mask`` must mark both sequences
     of a pair alike (checked where value checks run); the pair's weight is its chosen row's entry.
 
-    Masked tokens and pairs never reach the result, not even as NaN; no valid pair gives exactly 0 with a
-    zero gradient. Computed in float32 for bf16/fp16 inputs (float64 for float64). NaN/inf at masked
-    positions of ``reference_logprobs`` get no gradient (it is a constant); in the *logits* of a masked
-    token a NaN stays out of the loss but may show in that row's own gradient (log-softmax's backward
-    multiplies it by 0; removing it would copy the whole ``[B, T, V]`` logits). A NaN that counts makes
-    the loss NaN (no value is checked: ``LossModule``'s ``nan_policy`` sees it).
+    Masked tokens and pairs never reach the result, not even as NaN; no valid pair gives exactly 0 with a zero
+    gradient. Computed in float32 for bf16/fp16 inputs (float64 for float64). NaN/inf at masked positions of
+    ``reference_logprobs`` get no gradient (it is a constant); in the *logits* of a masked token a NaN stays
+    out of the loss but may show in that row's own gradient (the softmax's gradient multiplies it by 0, as it
+    does a NaN at the last position with ``shift``, which scores nothing; removing it would copy the whole
+    ``[B, T, V]`` logits). A NaN that counts makes the loss NaN (no value is checked: ``LossModule``'s
+    ``nan_policy`` sees it).
 
     Args:
         next_token_logits: ``[2P, T, V]`` the policy's logits.

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_losses.functional.nll import nll_loss, token_log_probs
+from lightning_losses.functional.sequence_policy import taken_log_probs
 from lightning_losses.losses.nll import NLLLoss
 from lightning_losses.registry import build_loss
 from tests.loss_tester import LossTester
@@ -56,6 +57,11 @@ class TestNLL(LossTester):
         return brute_force_nll(**inputs_and_options)
 
 
+@pytest.mark.usefixtures("fused_token_log_probs")
+class TestNLLFused(TestNLL):
+    """The same checks with the log-probabilities through the fused CPU cross-entropy."""
+
+
 def test_hand_computed_case():
     probs = torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.8, 0.2]]], dtype=torch.float64)
     logits = probs.log().requires_grad_()
@@ -106,7 +112,10 @@ def test_valid_tokens_is_the_denominator():
     assert NLLLoss().valid_tokens({"input_ids": ids}).sum() == 6
 
 
-def test_masked_nan_logits_do_not_leak():
+@pytest.mark.parametrize("path", ["plain", "fused"])
+def test_masked_nan_logits_do_not_leak(request, path):
+    if path == "fused":
+        request.getfixturevalue("fused_token_log_probs")
     logits = torch.randn(2, 3, 4)
     logits[1] = float("nan")  # rows of a fully masked sequence
     ids = torch.tensor([[0, 1, 2], [-100, -100, -100]])
@@ -155,3 +164,34 @@ def test_under_loss_module_the_count_is_the_scored_tokens():
     loss, _ = NLLLoss()(*args, **kwargs)
     logits = module(batch)["next_token_logits"]
     torch.testing.assert_close(loss, nll_loss(logits, batch["input_ids"], batch["token_mask"]))
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fused_token_log_probs_equal_gather_minus_logsumexp(request, shift, dtype):
+    """Both paths of ``taken_log_probs`` against ``z_y - logsumexp(z)`` on the scored positions, values and
+    gradients (for an upstream gradient that differs per token); with ``shift`` the last position, which
+    scores nothing, gets exactly zero gradient."""
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(3, 5, 7, generator=g)).to(dtype)
+    tokens = torch.randint(0, 7, (3, 4 if shift else 5), generator=g)
+    upstream = torch.randn(tokens.shape, generator=g, dtype=torch.float64)
+    scored = (logits[:, :-1] if shift else logits).double()
+    expected = scored.gather(-1, tokens[..., None]).squeeze(-1) - scored.logsumexp(-1)
+    reference = logits.double().requires_grad_()
+    ref_scored = reference[:, :-1] if shift else reference
+    ref_value = ref_scored.gather(-1, tokens[..., None]).squeeze(-1) - ref_scored.logsumexp(-1)
+    (expected_grad,) = torch.autograd.grad((ref_value * upstream).sum(), reference)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    for path in ("plain", "fused"):
+        if path == "fused":
+            request.getfixturevalue("fused_token_log_probs")
+        leaf = logits.clone().requires_grad_()
+        value = taken_log_probs(leaf, tokens, shift, compute)
+        assert value.dtype == compute and value.shape == tokens.shape
+        (grad,) = torch.autograd.grad((value * upstream.to(compute)).sum(), leaf)
+        torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-6, msg=path)
+        tolerance = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(grad.double(), expected_grad, msg=path, **tolerance)
+        if shift:
+            assert torch.equal(grad[:, -1], torch.zeros_like(grad[:, -1]))

@@ -163,6 +163,11 @@ class TestClippedPG(LossTester):
         return brute_force_clipped_pg(**inputs_and_options)[0]
 
 
+@pytest.mark.usefixtures("fused_token_log_probs")
+class TestClippedPGFused(TestClippedPG):
+    """The same checks with the log-probabilities through the fused CPU cross-entropy."""
+
+
 def test_every_metric_matches_the_brute_force_reference():
     tester = TestClippedPG()
     for index, options in enumerate(tester.option_sets):

@@ -115,6 +115,11 @@ class TestDPO(LossTester):
         return brute_force_dpo(**inputs_and_options)[0]
 
 
+@pytest.mark.usefixtures("fused_token_log_probs")
+class TestDPOFused(TestDPO):
+    """The same checks with the log-probabilities through the fused CPU cross-entropy."""
+
+
 def test_every_term_matches_the_brute_force_reference():
     tester = TestDPO()
     for index, options in enumerate(tester.option_sets):

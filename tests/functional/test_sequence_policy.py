@@ -99,6 +99,11 @@ class TestCustomSequence(LossTester):
         return brute_force_sequence_policy(**inputs_and_options)[0]
 
 
+@pytest.mark.usefixtures("fused_token_log_probs")
+class TestCustomSequenceFused(TestCustomSequence):
+    """The same checks with the log-probabilities through the fused CPU cross-entropy."""
+
+
 def test_every_term_matches_the_brute_force_reference():
     tester = TestCustomSequence()
     for index, options in enumerate(tester.option_sets):
