@@ -18,6 +18,10 @@ Pairs, each on the same inputs in the same run (the library's ``nn.Module``, met
 - ``contrastive`` / ``supcon`` / ``infonce``: ``ContrastiveLoss`` / ``SupConLoss`` / ``InfoNCELoss`` vs
   pytorch-metric-learning's ``ContrastiveLoss`` / ``SupConLoss`` / ``NTXentLoss`` (and the guide's
   ``ContrastiveLoss``; SimCLR's usual ``F.cross_entropy`` form for InfoNCE), embeddings of dim 128;
+- ``nll`` / ``clipped_pg`` / ``dpo``: ``NLLLoss`` / ``ClippedPGLoss`` / ``DPOLoss`` on next-token logits
+  ``[B, T, V]`` (a quarter of each sequence a masked prompt) vs ``F.cross_entropy`` with ``ignore_index``
+  (Hugging Face's SFT loss) and the plain PPO-clip and DPO formulas, each over
+  ``log_softmax(...).gather(...)`` and over ``gather - logsumexp`` (TRL's ``selective_log_softmax``);
 - ``guide``: every loss snippet of the guide on small inputs: runs / crashes (error) / NaN.
 
 Time: one warm-up run of every variant (it compiles, with ``--compile``), then ``--repeats`` rounds that
@@ -48,20 +52,26 @@ from torch import Tensor
 from benchmarks import references as ref
 from benchmarks.guide_code import load as load_guide
 from lightning_losses.functional import (
+    clipped_pg_loss,
     contrastive_loss,
     cross_entropy,
     distillation_loss,
+    dpo_loss,
     focal_loss,
     info_nce_loss,
+    nll_loss,
     supervised_contrastive_loss,
 )
 from lightning_losses.functional.cross_entropy import FUSED_MIN_ELEMENTS
 from lightning_losses.losses import (
+    ClippedPGLoss,
     ContrastiveLoss,
     CrossEntropyLoss,
+    DPOLoss,
     FocalLoss,
     InfoNCELoss,
     KLDivergenceLoss,
+    NLLLoss,
     SupConLoss,
 )
 
@@ -75,6 +85,9 @@ LOSSES = (
     "contrastive",
     "supcon",
     "infonce",
+    "nll",
+    "clipped_pg",
+    "dpo",
     "guide",
 )
 Inputs = dict[str, Tensor]
@@ -220,6 +233,112 @@ def _logit_cases(loss: str, sizes: Sequence[tuple[int, int]], device: str) -> li
     return cases
 
 
+_PG_KEYS = ("next_token_logits", "input_ids", "advantages", "prev_logprobs")
+_DPO_KEYS = ("next_token_logits", "input_ids", "prev_logprobs")  # DPO reads prev_logprobs as the reference's
+_FUSED_TOKEN_NOTE = (
+    "ours: fused cross-entropy per token over the whole [B*T, V] (one [B*T, V] tensor: the gradient)"
+)
+_PLAIN_TOKEN_NOTE = (
+    "ours: F.cross_entropy(reduction='none') per token over the whole [B*T, V], then the loss's terms"
+)
+
+
+def _log_probs_refs(name: str, formula: Callable[[Tensor, Inputs], Tensor], note: str) -> list[Reference]:
+    """A next-token loss's ``formula(log_probs, inputs)`` over each of the two usual log-prob forms."""
+    forms = {
+        "log_softmax-gather": ref.taken_log_probs_log_softmax,
+        "gather-logsumexp": ref.taken_log_probs_gather_logsumexp,
+    }
+    return [
+        Reference(
+            f"{name} ({form})",
+            lambda x, taken=taken: formula(taken(x["next_token_logits"], x["input_ids"]), x),
+            True,
+            note=note,
+        )
+        for form, taken in forms.items()
+    ]
+
+
+def _token_cases(loss: str, sizes: Sequence[tuple[int, int, int]], device: str) -> list[Case]:
+    """Next-token losses on ``[B, T, V]`` logits: a masked prompt (the first quarter of each sequence),
+    sampling log-probs near the policy's (ratios near 1, some clipped) for PPO, the same as the frozen
+    reference for DPO."""
+    cases = []
+    for batch, steps, vocab in sizes:
+        fused = device == "cpu" and batch * steps * vocab >= FUSED_MIN_ELEMENTS
+        note = _FUSED_TOKEN_NOTE if fused else _PLAIN_TOKEN_NOTE
+
+        def make(batch: int = batch, steps: int = steps, vocab: int = vocab) -> Inputs:
+            g = _generator()
+            logits = torch.randn(batch, steps, vocab, generator=g)
+            input_ids = torch.randint(0, vocab, (batch, steps), generator=g)
+            token_mask = torch.ones(batch, steps)
+            token_mask[:, : steps // 4] = 0
+            with torch.no_grad():
+                taken = ref.taken_log_probs_gather_logsumexp(logits, input_ids)
+            previous = torch.zeros(batch, steps)
+            previous[:, 1:] = taken + 0.1 * torch.randn(taken.shape, generator=g)
+            inputs = {
+                "next_token_logits": logits,
+                "input_ids": input_ids,
+                "token_mask": token_mask,
+                "advantages": torch.randn(batch, generator=g),
+                "prev_logprobs": previous,
+            }
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["next_token_logits"].requires_grad_()
+            return inputs
+
+        if loss == "nll":
+            nll = NLLLoss()
+            ours = lambda x, f=nll: f(x["next_token_logits"], x["input_ids"], x["token_mask"]).loss  # noqa: E731
+            functional = lambda x: nll_loss(x["next_token_logits"], x["input_ids"], x["token_mask"])  # noqa: E731
+            refs = [
+                Reference(
+                    "F.cross_entropy (ignore_index)",
+                    lambda x: ref.sft_cross_entropy(x["next_token_logits"], x["input_ids"], x["token_mask"]),
+                    True,
+                    note=note,
+                )
+            ]
+        elif loss == "clipped_pg":
+            pg = ClippedPGLoss()
+
+            def ours(x: Inputs, f: ClippedPGLoss = pg) -> Tensor:
+                return f(*(x[k] for k in _PG_KEYS), token_mask=x["token_mask"]).loss
+
+            def functional(x: Inputs) -> Tensor:
+                return clipped_pg_loss(*(x[k] for k in _PG_KEYS), token_mask=x["token_mask"]).loss
+
+            refs = _log_probs_refs(
+                "PPO clip",
+                lambda lp, x: ref.ppo_clip(lp, x["prev_logprobs"], x["advantages"], x["token_mask"]),
+                note,
+            )
+        elif loss == "dpo":
+            dpo = DPOLoss(beta=0.1)
+            ours = lambda x, f=dpo: f(*(x[k] for k in _DPO_KEYS), token_mask=x["token_mask"]).loss  # noqa: E731
+            functional = lambda x: dpo_loss(*(x[k] for k in _DPO_KEYS), token_mask=x["token_mask"]).loss  # noqa: E731
+            refs = _log_probs_refs(
+                "DPO", lambda lp, x: ref.dpo(lp, x["prev_logprobs"], x["token_mask"]), note
+            )
+        else:
+            raise ValueError(f"not a next-token loss: {loss!r}")
+        cases.append(
+            Case(
+                loss,
+                f"{batch}x{steps}x{vocab}",
+                make,
+                ("next_token_logits",),
+                ours,
+                refs,
+                functional=functional,
+            )
+        )
+    return cases
+
+
 def _ntxent_bytes(num_pairs: int) -> int:
     """Estimated peak of pytorch-metric-learning's ``NTXentLoss`` on ``2N`` rows: it builds several
     ``[#positive pairs, #negative pairs] = [2N, 2N(2N-2)]`` float tensors (about four at once)."""
@@ -360,10 +479,14 @@ def build_cases(names: Sequence[str], *, quick: bool, device: str) -> list[Case]
         "kl_divergence": [(4096, 32768), (8192, 1000), (64, 10)],
     }
     batches = {"contrastive": [256, 1024, 4096], "supcon": [256, 1024, 4096], "infonce": [128, 512, 2048]}
+    # [B, T, V]: 4096 scored tokens of a 32k and an 8k vocabulary (an LLM's micro-batch), and a small one
+    token_sizes = [(4, 1025, 32768), (8, 513, 8192), (8, 129, 1000)]
     cases: list[Case] = []
     for name in names:
         if name in logit_sizes:
             cases += _logit_cases(name, [(48, 10)] if quick else logit_sizes[name], device)
+        elif name in ("nll", "clipped_pg", "dpo"):
+            cases += _token_cases(name, [(4, 9, 11)] if quick else token_sizes, device)
         elif name in batches:
             cases += _embedding_cases(name, [32] if quick else batches[name], 8 if quick else 128, device)
     return cases

@@ -13,14 +13,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "dpo",
     "info_nce_cross_entropy",
     "kl_div_composition",
     "pml_available",
     "pml_contrastive",
     "pml_ntxent",
     "pml_supcon",
+    "ppo_clip",
+    "sft_cross_entropy",
     "sigmoid_focal",
     "softmax_focal",
+    "taken_log_probs_gather_logsumexp",
+    "taken_log_probs_log_softmax",
 ]
 
 
@@ -112,3 +117,50 @@ def pml_ntxent(temperature: float) -> torch.nn.Module:
     from pytorch_metric_learning.losses import NTXentLoss
 
     return NTXentLoss(temperature=temperature)
+
+
+def taken_log_probs_log_softmax(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """``log_softmax(logits[:, :-1]).gather(input_ids[:, 1:])``: the log-probabilities of the next tokens as
+    RL and DPO code usually writes them (a whole ``[B, T-1, V]`` log-softmax). ``logits [B, T, V]``, ids
+    ``[B, T]``; returns ``[B, T-1]``."""
+    log_probs = F.log_softmax(logits[:, :-1], dim=-1)
+    return log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def taken_log_probs_gather_logsumexp(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """The same as ``gather(logits) - logsumexp(logits)`` (TRL's ``selective_log_softmax`` for float32: no
+    ``[B, T-1, V]`` log-softmax in the forward pass)."""
+    scored = logits[:, :-1]
+    return scored.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(scored, dim=-1)
+
+
+def sft_cross_entropy(logits: Tensor, input_ids: Tensor, token_mask: Tensor) -> Tensor:
+    """Supervised fine-tuning as Hugging Face models compute it: ``F.cross_entropy`` of the shifted logits
+    with the masked tokens' labels set to ``-100`` (``ignore_index``)."""
+    labels = torch.where(token_mask[:, 1:] != 0, input_ids[:, 1:], -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def ppo_clip(
+    log_probs: Tensor, prev_logprobs: Tensor, advantages: Tensor, token_mask: Tensor, epsilon: float = 0.2
+) -> Tensor:
+    r"""PPO's clipped surrogate, token-level mean: :math:`\max(-A r, -A\,\mathrm{clip}(r, 1-\epsilon,
+    1+\epsilon))` with :math:`r = e^{\log\pi - \log\pi_{old}}`, over the masked next tokens.
+    ``log_probs [B, T-1]`` (one of the two ``taken_log_probs_*``), ``prev_logprobs``/``token_mask
+    [B, T]``, ``advantages [B]``."""
+    ratio = torch.exp(log_probs - prev_logprobs[:, 1:])
+    advantages = advantages[:, None]
+    per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - epsilon, 1 + epsilon))
+    mask = token_mask[:, 1:]
+    return (per_token * mask).sum() / mask.sum()
+
+
+def dpo(log_probs: Tensor, reference_logprobs: Tensor, token_mask: Tensor, beta: float = 0.1) -> Tensor:
+    r"""DPO (Rafailov et al. 2023) of interleaved pairs (chosen rows ``0, 2, ...``, rejected ``1, 3, ...``):
+    :math:`-\log\sigma(\beta[(\ell_c - \ell^{ref}_c) - (\ell_r - \ell^{ref}_r)])`, mean over pairs,
+    :math:`\ell` the masked sum of a sequence's next-token log-probs ``log_probs [2P, T-1]``."""
+    mask = token_mask[:, 1:]
+    policy = (log_probs * mask).sum(-1)
+    reference = (reference_logprobs[:, 1:] * mask).sum(-1)
+    rewards = beta * (policy - reference)
+    return -F.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
