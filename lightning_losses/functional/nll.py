@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_losses.functional.sequence_policy import _aligned, check_token_inputs, taken_log_probs
+from lightning_losses.functional.sequence_policy import _aligned, check_token_inputs, masked_token_log_probs
 from lightning_losses.protocol import (
-    check_class_targets,
     compute_dtype,
 )
 from lightning_losses.reduction import divide_by_count
@@ -47,12 +46,7 @@ def token_log_probs(
     check_token_inputs(next_token_logits, input_ids, token_mask)
     dtype = compute_dtype(next_token_logits) if dtype is None else dtype
     _, tokens, mask = _aligned(next_token_logits, input_ids, token_mask, shift)
-    check_class_targets("input_ids", tokens, next_token_logits.shape[-1], mask=mask)
-    weights = torch.ones(tokens.shape, dtype=dtype, device=tokens.device) if mask is None else mask.to(dtype)
-    valid = weights != 0
-    safe_tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
-    taken = taken_log_probs(next_token_logits, safe_tokens, shift, dtype)
-    return torch.where(valid, taken, torch.zeros_like(taken)), weights
+    return masked_token_log_probs(next_token_logits, tokens, mask, shift, dtype)
 
 
 def nll_loss(

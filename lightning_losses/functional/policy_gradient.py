@@ -8,9 +8,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_losses.functional.sequence_policy import check_token_inputs, taken_log_probs
+from lightning_losses.functional.sequence_policy import check_token_inputs, masked_token_log_probs
 from lightning_losses.protocol import (
-    check_class_targets,
     check_floating,
     check_positive,
     compute_dtype,
@@ -245,15 +244,12 @@ def clipped_pg_loss(
     full_mask = torch.ones(batch, steps, dtype=dtype, device=device) if token_mask is None else token_mask
     weights = policy_valid_tokens(full_mask, sample_mask, shift).to(dtype)
     valid = weights != 0
-    check_class_targets("input_ids", tokens, next_token_logits.shape[-1], mask=valid)
+    logprobs, _ = masked_token_log_probs(next_token_logits, tokens, weights, shift, dtype)
 
     def constant(tensor: Tensor) -> Tensor:  # detached, zero where not valid (a NaN there never leaks)
         tensor = tensor.detach().to(dtype)
         return torch.where(valid, tensor, torch.zeros_like(tensor))
 
-    safe_tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
-    taken = taken_log_probs(next_token_logits, safe_tokens, shift, dtype)
-    logprobs = torch.where(valid, taken, torch.zeros_like(taken))
     old = constant(tokens_of(prev_logprobs))
     adv = advantages.reshape(batch, 1).expand(batch, steps) if advantages.ndim == 1 else advantages
     adv = constant(tokens_of(adv))

@@ -19,7 +19,13 @@ from lightning_losses.protocol import (
 )
 from lightning_losses.reduction import count_valid, divide_by_count, masked_sum
 
-__all__ = ["SequencePolicyTerms", "sequence_log_probs", "sequence_policy_loss", "taken_log_probs"]
+__all__ = [
+    "SequencePolicyTerms",
+    "masked_token_log_probs",
+    "sequence_log_probs",
+    "sequence_policy_loss",
+    "taken_log_probs",
+]
 
 
 class SequencePolicyTerms(NamedTuple):
@@ -164,19 +170,24 @@ def sequence_log_probs(
     if token_mask is not None:
         check_mask("token_mask", token_mask, input_ids.shape)
     _, tokens, mask = _aligned(next_token_logits, input_ids, token_mask, shift)
-    return _sequence_log_probs(next_token_logits, tokens, mask, shift, compute_dtype(next_token_logits))
+    log_probs, weights = masked_token_log_probs(
+        next_token_logits, tokens, mask, shift, compute_dtype(next_token_logits)
+    )
+    return (log_probs * weights).sum(-1)
 
 
-def _sequence_log_probs(
+def masked_token_log_probs(
     next_token_logits: Tensor, tokens: Tensor, mask: Tensor | None, shift: bool, dtype: torch.dtype
-) -> Tensor:
-    """``Σ_t m_t log π(y_t)`` per sequence, for the scored ``tokens`` and their ``mask`` (aligned)."""
+) -> tuple[Tensor, Tensor]:
+    """``(log_probs, weights)`` of the scored ``tokens`` under their ``mask`` (both aligned with the
+    positions the logits score, see ``shift``): the weights in ``dtype`` (ones without a mask) and
+    :func:`taken_log_probs`, 0 where the weight is 0 (a masked token may hold any id)."""
     check_class_targets("input_ids", tokens, next_token_logits.shape[-1], mask=mask)
     weights = torch.ones(tokens.shape, dtype=dtype, device=tokens.device) if mask is None else mask.to(dtype)
     valid = weights != 0
     safe_tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
     taken = taken_log_probs(next_token_logits, safe_tokens, shift, dtype)
-    return torch.where(valid, taken * weights, torch.zeros_like(taken)).sum(-1)
+    return torch.where(valid, taken, torch.zeros_like(taken)), weights
 
 
 def sequence_policy_loss(
@@ -251,7 +262,8 @@ def sequence_policy_loss(
     if sample_mask is not None:  # tokens of masked-out sequences count nowhere (and may hold any id)
         keep = (sample_mask.reshape(-1, 1) != 0).expand(tokens.shape)
         mask = keep if mask is None else torch.where(keep, mask, torch.zeros_like(mask))
-    log_probs = _sequence_log_probs(next_token_logits, tokens, mask, shift, dtype)
+    per_token, weights = masked_token_log_probs(next_token_logits, tokens, mask, shift, dtype)
+    log_probs = (per_token * weights).sum(-1)
 
     count = count_valid(sample_mask, log_probs) if global_valid_seqs is None else global_valid_seqs
 
