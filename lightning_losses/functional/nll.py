@@ -45,7 +45,7 @@ def token_log_probs(
     """
     check_token_inputs(next_token_logits, input_ids, token_mask)
     dtype = compute_dtype(next_token_logits) if dtype is None else dtype
-    _, tokens, mask = _aligned(next_token_logits, input_ids, token_mask, shift)
+    tokens, mask = _aligned(input_ids, token_mask, shift)
     return masked_token_log_probs(next_token_logits, tokens, mask, shift, dtype)
 
 

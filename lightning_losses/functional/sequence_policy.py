@@ -43,14 +43,11 @@ class SequencePolicyTerms(NamedTuple):
     mean_advantage: Tensor
 
 
-def _aligned(
-    next_token_logits: Tensor, input_ids: Tensor, token_mask: Tensor | None, shift: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Logits, the tokens they score and the mask of those tokens, position by position."""
+def _aligned(input_ids: Tensor, token_mask: Tensor | None, shift: bool) -> tuple[Tensor, Tensor | None]:
+    """The tokens the logits score and their mask: ``[:, 1:]`` with ``shift``, else as given."""
     if not shift:
-        return next_token_logits, input_ids, token_mask
-    mask = None if token_mask is None else token_mask[:, 1:]
-    return next_token_logits[:, :-1], input_ids[:, 1:], mask
+        return input_ids, token_mask
+    return input_ids[:, 1:], None if token_mask is None else token_mask[:, 1:]
 
 
 def taken_log_probs(next_token_logits: Tensor, tokens: Tensor, shift: bool, dtype: torch.dtype) -> Tensor:
@@ -169,7 +166,7 @@ def sequence_log_probs(
         )
     if token_mask is not None:
         check_mask("token_mask", token_mask, input_ids.shape)
-    _, tokens, mask = _aligned(next_token_logits, input_ids, token_mask, shift)
+    tokens, mask = _aligned(input_ids, token_mask, shift)
     log_probs, weights = masked_token_log_probs(
         next_token_logits, tokens, mask, shift, compute_dtype(next_token_logits)
     )
@@ -258,7 +255,7 @@ def sequence_policy_loss(
     _check_inputs(next_token_logits, input_ids, advantages, token_mask, sample_mask, rewards, values)
     floating = [t for t in (next_token_logits, advantages, rewards, values) if t is not None]
     dtype = compute_dtype(*floating)
-    _, tokens, mask = _aligned(next_token_logits, input_ids, token_mask, shift)
+    tokens, mask = _aligned(input_ids, token_mask, shift)
     if sample_mask is not None:  # tokens of masked-out sequences count nowhere (and may hold any id)
         keep = (sample_mask.reshape(-1, 1) != 0).expand(tokens.shape)
         mask = keep if mask is None else torch.where(keep, mask, torch.zeros_like(mask))
