@@ -18,6 +18,9 @@ Pairs, each on the same inputs in the same run (the library's ``nn.Module``, met
 - ``contrastive`` / ``supcon`` / ``infonce``: ``ContrastiveLoss`` / ``SupConLoss`` / ``InfoNCELoss`` vs
   pytorch-metric-learning's ``ContrastiveLoss`` / ``SupConLoss`` / ``NTXentLoss`` (and the guide's
   ``ContrastiveLoss``; SimCLR's usual ``F.cross_entropy`` form for InfoNCE), embeddings of dim 128;
+- ``mse``: ``MSELoss`` vs ``F.mse_loss``, and with a mask (size ``rows``: padded rows; ``tokens``: a
+  value head's ``[B, T]`` with a masked prompt and padding) vs the masked mean
+  ``F.mse_loss(reduction="none") * mask``;
 - ``nll`` / ``clipped_pg`` / ``dpo``: ``NLLLoss`` / ``ClippedPGLoss`` / ``DPOLoss`` on next-token logits
   ``[B, T, V]`` (a quarter of each sequence a masked prompt) vs ``F.cross_entropy`` with ``ignore_index``
   (Hugging Face's SFT loss) and the plain PPO-clip and DPO formulas, each over
@@ -59,10 +62,15 @@ from lightning_losses.functional import (
     dpo_loss,
     focal_loss,
     info_nce_loss,
+    mse,
     nll_loss,
     supervised_contrastive_loss,
 )
 from lightning_losses.functional.cross_entropy import FUSED_MIN_ELEMENTS
+from lightning_losses.functional.regression import FUSED_MIN_ELEMENTS as MSE_FUSED_MIN_ELEMENTS
+from lightning_losses.functional.regression import (
+    MASKED_FUSED_MIN_ELEMENTS as MSE_MASKED_FUSED_MIN_ELEMENTS,
+)
 from lightning_losses.losses import (
     ClippedPGLoss,
     ContrastiveLoss,
@@ -71,6 +79,7 @@ from lightning_losses.losses import (
     FocalLoss,
     InfoNCELoss,
     KLDivergenceLoss,
+    MSELoss,
     NLLLoss,
     SupConLoss,
 )
@@ -85,6 +94,7 @@ LOSSES = (
     "contrastive",
     "supcon",
     "infonce",
+    "mse",
     "nll",
     "clipped_pg",
     "dpo",
@@ -230,6 +240,56 @@ def _logit_cases(loss: str, sizes: Sequence[tuple[int, int]], device: str) -> li
             for reference in refs:
                 reference.note = f"{_HOST_BOUND_NOTE}; {reference.note}"
         cases.append(Case(loss, size, make, ("logits",), ours, refs, functional=functional))
+    return cases
+
+
+def _regression_cases(sizes: Sequence[tuple[tuple[int, int], str | None]], device: str) -> list[Case]:
+    """``MSELoss`` on ``[N, D]`` predictions: no mask, a per-row mask (the last quarter of the rows
+    padding) or, as a value head's ``[B, T]`` would have, a per-token mask (the first quarter of each
+    sequence a prompt, every other sequence padded over its last eighth)."""
+    loss_fn = MSELoss()
+    cases = []
+    for (n, d), masked in sizes:
+
+        def make(n: int = n, d: int = d, masked: str | None = masked) -> Inputs:
+            g = _generator()
+            inputs = {"preds": torch.randn(n, d, generator=g), "target": torch.randn(n, d, generator=g)}
+            if masked == "rows":
+                inputs["mask"] = torch.arange(n) < n - n // 4
+            elif masked == "tokens":
+                mask = torch.ones(n, d, dtype=torch.bool)
+                mask[:, : d // 4] = False
+                mask[::2, d - d // 8 :] = False
+                inputs["mask"] = mask
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["preds"].requires_grad_()
+            return inputs
+
+        fused = n * d >= (MSE_FUSED_MIN_ELEMENTS if masked is None else MSE_MASKED_FUSED_MIN_ELEMENTS)
+        note = (
+            "ours: one fused sum of squares (BLAS dot; the gradient w*d made in the forward)"
+            if fused
+            else "ours: plain ops (a fused function's Python would cost more at this size)"
+        )
+        if masked is None:
+            ours = lambda x, f=loss_fn: f(x["preds"], x["target"]).loss  # noqa: E731
+            functional = lambda x: mse(x["preds"], x["target"])  # noqa: E731
+            refs = [Reference("F.mse_loss", lambda x: F.mse_loss(x["preds"], x["target"]), True, note=note)]
+        else:
+            ours = lambda x, f=loss_fn: f(x["preds"], x["target"], x["mask"]).loss  # noqa: E731
+            functional = lambda x: mse(x["preds"], x["target"], x["mask"])  # noqa: E731
+            refs = [
+                Reference(
+                    "F.mse_loss(reduction='none') * mask",
+                    lambda x: ref.masked_mse(x["preds"], x["target"], x["mask"]),
+                    True,
+                    note=f"{note}; masked entries zeroed before any product (NaN-safe)",
+                )
+            ]
+        if n * d < HOST_BOUND_ELEMENTS:
+            refs[0].note = f"{_HOST_BOUND_NOTE}; {refs[0].note}"
+        size = f"{n}x{d}" + ("" if masked is None else f" {masked}")
+        cases.append(Case("mse", size, make, ("preds",), ours, refs, functional=functional))
     return cases
 
 
@@ -481,10 +541,21 @@ def build_cases(names: Sequence[str], *, quick: bool, device: str) -> list[Case]
     batches = {"contrastive": [256, 1024, 4096], "supcon": [256, 1024, 4096], "infonce": [128, 512, 2048]}
     # [B, T, V]: 4096 scored tokens of a 32k and an 8k vocabulary (an LLM's micro-batch), and a small one
     token_sizes = [(4, 1025, 32768), (8, 513, 8192), (8, 129, 1000)]
+    # a regression head's batch, per-row targets, a value head's tokens, a small one (digits: 64 rows)
+    mse_sizes = [
+        ((4096, 1024), None),
+        ((4096, 1024), "rows"),
+        ((65536, 16), None),
+        ((16, 8192), "tokens"),
+        ((64, 1024), "tokens"),
+        ((64, 1), None),
+    ]
     cases: list[Case] = []
     for name in names:
         if name in logit_sizes:
             cases += _logit_cases(name, [(48, 10)] if quick else logit_sizes[name], device)
+        elif name == "mse":
+            cases += _regression_cases([((48, 3), None), ((8, 8), "tokens")] if quick else mse_sizes, device)
         elif name in ("nll", "clipped_pg", "dpo"):
             cases += _token_cases(name, [(4, 9, 11)] if quick else token_sizes, device)
         elif name in batches:

@@ -16,6 +16,7 @@ __all__ = [
     "dpo",
     "info_nce_cross_entropy",
     "kl_div_composition",
+    "masked_mse",
     "pml_available",
     "pml_contrastive",
     "pml_ntxent",
@@ -66,6 +67,19 @@ def kl_div_composition(logits: Tensor, teacher_logits: Tensor, temperature: floa
         )
         * temperature**2
     )
+
+
+def masked_mse(preds: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    r"""The usual masked mean of squared errors, :math:`\sum m (\hat y - y)^2 / \sum m`, by
+    ``F.mse_loss(reduction="none") * mask`` (a NaN under the mask makes it NaN). ``mask`` has ``preds``'
+    shape or its leading dimensions.
+
+    >>> masked_mse(torch.tensor([1.0, 3.0]), torch.zeros(2), torch.tensor([True, False]))
+    tensor(1.)
+    """
+    weights = mask.reshape(*mask.shape, *([1] * (preds.ndim - mask.ndim))).to(preds.dtype)
+    per_entry = preds[0].numel() if mask.ndim < preds.ndim else 1
+    return (F.mse_loss(preds, target, reduction="none") * weights).sum() / (weights.sum() * per_entry)
 
 
 def info_nce_cross_entropy(embeddings: Tensor, positive_embeddings: Tensor, temperature: float) -> Tensor:
