@@ -21,6 +21,9 @@ Pairs, each on the same inputs in the same run (the library's ``nn.Module``, met
 - ``mse``: ``MSELoss`` vs ``F.mse_loss``, and with a mask (size ``rows``: padded rows; ``tokens``: a
   value head's ``[B, T]`` with a masked prompt and padding) vs the masked mean
   ``F.mse_loss(reduction="none") * mask``;
+- ``reward_shaping``: ``RewardShapingLoss`` (A2C terms and a potential-based shaping term) vs the same
+  loss by hand over ``torch.distributions.Categorical`` (CleanRL's and Stable-Baselines3's form) and over
+  ``log_softmax``;
 - ``nll`` / ``clipped_pg`` / ``dpo``: ``NLLLoss`` / ``ClippedPGLoss`` / ``DPOLoss`` on next-token logits
   ``[B, T, V]`` (a quarter of each sequence a masked prompt) vs ``F.cross_entropy`` with ``ignore_index``
   (Hugging Face's SFT loss) and the plain PPO-clip and DPO formulas, each over
@@ -64,6 +67,7 @@ from lightning_losses.functional import (
     info_nce_loss,
     mse,
     nll_loss,
+    reward_shaping_loss,
     supervised_contrastive_loss,
 )
 from lightning_losses.functional.cross_entropy import FUSED_MIN_ELEMENTS
@@ -81,6 +85,7 @@ from lightning_losses.losses import (
     KLDivergenceLoss,
     MSELoss,
     NLLLoss,
+    RewardShapingLoss,
     SupConLoss,
 )
 
@@ -95,6 +100,7 @@ LOSSES = (
     "supcon",
     "infonce",
     "mse",
+    "reward_shaping",
     "nll",
     "clipped_pg",
     "dpo",
@@ -290,6 +296,79 @@ def _regression_cases(sizes: Sequence[tuple[tuple[int, int], str | None]], devic
             refs[0].note = f"{_HOST_BOUND_NOTE}; {refs[0].note}"
         size = f"{n}x{d}" + ("" if masked is None else f" {masked}")
         cases.append(Case("mse", size, make, ("preds",), ours, refs, functional=functional))
+    return cases
+
+
+_ACTOR_CRITIC_KEYS = (
+    "policy_logits",
+    "values",
+    "actions",
+    "advantages",
+    "returns",
+    "potentials",
+    "next_potentials",
+    "terminated",
+)
+
+
+def _actor_critic_cases(sizes: Sequence[tuple[int, int]], device: str) -> list[Case]:
+    """``RewardShapingLoss`` on ``N`` transitions of ``A`` actions (5% of them ending an episode)."""
+    loss_fn = RewardShapingLoss()
+    cases = []
+    for n, actions in sizes:
+
+        def make(n: int = n, actions: int = actions) -> Inputs:
+            g = _generator()
+            inputs = {
+                "policy_logits": torch.randn(n, actions, generator=g),
+                "values": torch.randn(n, generator=g),
+                "actions": torch.randint(0, actions, (n,), generator=g),
+                "advantages": torch.randn(n, generator=g),
+                "returns": torch.randn(n, generator=g),
+                "potentials": torch.randn(n, generator=g),
+                "next_potentials": torch.randn(n, generator=g),
+                "terminated": torch.rand(n, generator=g) < 0.05,
+            }
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["policy_logits"].requires_grad_()
+            inputs["values"].requires_grad_()
+            return inputs
+
+        def ours(x: Inputs, f: RewardShapingLoss = loss_fn) -> Tensor:
+            return f(*(x[k] for k in _ACTOR_CRITIC_KEYS)).loss
+
+        def functional(x: Inputs) -> Tensor:
+            return reward_shaping_loss(*(x[k] for k in _ACTOR_CRITIC_KEYS))
+
+        note = (
+            "ours: log-prob and entropy from one log_softmax, gradient by hand (no where for -inf logits); "
+            "input checks, 8 metrics"
+        )
+        if n * actions < HOST_BOUND_ELEMENTS:
+            note = f"{_HOST_BOUND_NOTE}; {note}"
+        refs = [
+            Reference(
+                f"A2C + shaping ({form})",
+                lambda x, categorical=categorical: ref.actor_critic(
+                    *(x[k] for k in _ACTOR_CRITIC_KEYS), categorical=categorical
+                ),
+                True,
+                note=note,
+                compilable=not categorical,
+            )
+            for form, categorical in (("Categorical", True), ("log_softmax", False))
+        ]
+        cases.append(
+            Case(
+                "reward_shaping",
+                f"{n}x{actions}",
+                make,
+                ("policy_logits", "values"),
+                ours,
+                refs,
+                functional=functional,
+            )
+        )
     return cases
 
 
@@ -556,6 +635,9 @@ def build_cases(names: Sequence[str], *, quick: bool, device: str) -> list[Case]
             cases += _logit_cases(name, [(48, 10)] if quick else logit_sizes[name], device)
         elif name == "mse":
             cases += _regression_cases([((48, 3), None), ((8, 8), "tokens")] if quick else mse_sizes, device)
+        elif name == "reward_shaping":
+            # CartPole A2C (8 envs x 8 steps), an Atari rollout of 16 envs x 128 steps, a large one
+            cases += _actor_critic_cases([(16, 2)] if quick else [(64, 2), (2048, 18), (65536, 18)], device)
         elif name in ("nll", "clipped_pg", "dpo"):
             cases += _token_cases(name, [(4, 9, 11)] if quick else token_sizes, device)
         elif name in batches:

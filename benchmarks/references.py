@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "actor_critic",
     "dpo",
     "info_nce_cross_entropy",
     "kl_div_composition",
@@ -178,3 +179,46 @@ def dpo(log_probs: Tensor, reference_logprobs: Tensor, token_mask: Tensor, beta:
     reference = (reference_logprobs[:, 1:] * mask).sum(-1)
     rewards = beta * (policy - reference)
     return -F.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
+
+
+def actor_critic(
+    policy_logits: Tensor,
+    values: Tensor,
+    actions: Tensor,
+    advantages: Tensor,
+    returns: Tensor,
+    potentials: Tensor,
+    next_potentials: Tensor,
+    terminated: Tensor,
+    *,
+    categorical: bool,
+    value_weight: float = 0.5,
+    entropy_weight: float = 0.01,
+    shaping_weight: float = 0.1,
+    discount: float = 0.99,
+) -> Tensor:
+    r"""The A2C loss with a potential-based shaping term, as written by hand:
+    :math:`-\overline{A\log\pi(a)} + c_v\,\mathrm{MSE}(V, R) - c_H \bar H - c_F\,\overline{F\log\pi(a)}`,
+    :math:`F = \gamma\Phi(s')(1 - \text{terminated}) - \Phi(s)`. ``categorical``: log-probabilities and
+    entropy from ``torch.distributions.Categorical`` (CleanRL's and Stable-Baselines3's A2C/PPO), else from
+    ``log_softmax``.
+
+    >>> logits, zeros = torch.zeros(2, 2), torch.zeros(2)
+    >>> actor_critic(logits, zeros, torch.tensor([0, 1]), torch.ones(2), zeros, zeros, zeros,
+    ...              torch.zeros(2, dtype=torch.bool), categorical=True, entropy_weight=0.0)
+    tensor(0.6931)
+    """
+    if categorical:
+        distribution = torch.distributions.Categorical(logits=policy_logits)
+        log_prob, entropy = distribution.log_prob(actions), distribution.entropy()
+    else:
+        log_p = F.log_softmax(policy_logits, dim=-1)
+        log_prob = log_p.gather(-1, actions[:, None]).squeeze(-1)
+        entropy = -(log_p.exp() * log_p).sum(-1)
+    shaping = discount * next_potentials * (~terminated) - potentials
+    return (
+        -(advantages * log_prob).mean()
+        + value_weight * F.mse_loss(values, returns)
+        - entropy_weight * entropy.mean()
+        - shaping_weight * (shaping * log_prob).mean()
+    )

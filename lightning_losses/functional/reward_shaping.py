@@ -27,12 +27,13 @@ Potentials are constants here (a critic used as :math:`\Phi` is detached): the t
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from lightning_losses.functional.regression import mse
 from lightning_losses.protocol import (
     check_class_targets,
     check_floating,
@@ -154,6 +155,50 @@ def discounted_returns(rewards: Tensor, dones: Tensor, discount: float = 0.99) -
     return out
 
 
+# Any log-probability at or below this has probability exactly 0 in float32 and float64 (exp underflows
+# below about -104 and -745), so clamping there leaves every p log p as it is, makes a -inf (an action ruled
+# out) a finite 0 · (-1e4), and keeps the gradient's g_H log p finite for any sane upstream gradient.
+_LOG_PROB_FLOOR = -1e4
+
+
+class _TakenLogProbAndEntropy(torch.autograd.Function):
+    r"""Per row of ``logits [N, A]``: :math:`\log\pi(a_i)` and the entropy :math:`H_i = -\sum_a p \log p`,
+    from one ``log_softmax``, with the gradient by hand:
+    :math:`\partial/\partial x_{ia} = g^\pi_i(\delta_{a a_i} - p_{ia}) - g^H_i p_{ia}(\log p_{ia} + H_i)`.
+
+    Autograd over the same formula keeps ``log p`` for three consumers (the gather, ``exp`` and the
+    product) and sums their ``[N, A]`` gradients; with a ``-inf`` logit it also needs two ``where`` each
+    way, and bool ops are slow on a CPU. Here: ``p`` and the clamped ``log p`` (``_LOG_PROB_FLOOR``),
+    and one ``[N, A]`` tensor in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        log_p = torch.log_softmax(logits, dim=-1)
+        taken = log_p.gather(-1, actions[:, None]).squeeze(-1)
+        p = log_p.exp()
+        log_p.clamp_min_(_LOG_PROB_FLOOR)
+        entropy = -torch.bmm(p[:, None], log_p[:, :, None]).view(-1)  # per-row dot, no [N, A] product
+        ctx.save_for_backward(p, log_p, entropy, actions)
+        ctx.set_materialize_grads(False)
+        return taken, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_taken: Tensor | None, grad_entropy: Tensor | None) -> tuple[Tensor, None]:
+        p, log_p, entropy, actions = ctx.saved_tensors
+        if grad_taken is None:
+            grad_taken = torch.zeros_like(entropy)
+        if grad_entropy is None:
+            grad = p * -grad_taken[:, None]
+        else:  # -p (g_H log p + g_pi + g_H H)
+            grad = torch.addcmul(
+                -(grad_taken + grad_entropy * entropy)[:, None], log_p, -grad_entropy[:, None]
+            )
+            grad.mul_(p)
+        return grad.scatter_add_(-1, actions[:, None], grad_taken[:, None]), None
+
+
 def _check_inputs(
     policy_logits: Tensor,
     values: Tensor,
@@ -248,34 +293,29 @@ def reward_shaping_terms(
             return tensor
         return torch.where(keep.reshape(-1, *([1] * (tensor.ndim - 1))), tensor, tensor.new_zeros(()))
 
-    log_probs = F.log_softmax(clean(policy_logits), dim=-1)
     count = (
         global_valid_seqs
         if global_valid_seqs is not None
         else (actions.numel() if mask is None else mask.to(dtype).sum())
     )
     safe_actions = actions if keep is None else torch.where(keep, actions, torch.zeros_like(actions))
-    taken = log_probs.gather(-1, safe_actions.long().unsqueeze(-1)).squeeze(-1)
+    taken, row_entropy = _TakenLogProbAndEntropy.apply(clean(policy_logits), safe_actions.long())
     adv = clean(advantages.detach())
 
     def mean(per_row: Tensor) -> Tensor:
         return divide_by_count(masked_sum(per_row, valid), count)
 
     policy_loss = mean(-adv * taken)
-    value_loss = mean((clean(values) - clean(returns.detach())).pow(2))
-    # p·log p is 0 for an action ruled out by a -inf logit (p = 0, log p = -inf): the double where keeps
-    # 0·(-inf) = NaN out of the value and of the gradient
-    ruled_out = torch.isneginf(log_probs)
-    safe_log_probs = torch.where(ruled_out, log_probs.new_zeros(()), log_probs)
-    p_log_p = torch.where(ruled_out, log_probs.new_zeros(()), safe_log_probs.exp() * safe_log_probs)
-    entropy = mean(-p_log_p.sum(-1))
+    # the masked, NaN-safe mean that `mse` is (F.mse_loss itself without a mask or a global count)
+    value_loss = mse(values.to(dtype), returns.detach().to(dtype), mask, global_valid_seqs)
+    entropy = mean(row_entropy)
     if potentials is not None and next_potentials is not None:
         shaping = potential_shaping_reward(
             clean(potentials.detach()), clean(next_potentials.detach()), terminated, discount
         )
         shaping_loss = mean(-shaping * taken)
     else:
-        shaping_loss = mean(taken * 0.0)
+        shaping_loss = taken.new_zeros(())  # a constant: no ops, and no 0 · (-inf) from a ruled-out action
     return RewardShapingTerms(policy_loss, value_loss, entropy, shaping_loss, mean(adv).detach())
 
 

@@ -102,13 +102,14 @@ class RewardShapingLoss(LossFunction):
         entropy_loss = -self.entropy_weight * terms.entropy
         shaping_loss = self.shaping_weight * terms.shaping_loss
         loss = terms.policy_loss + self.value_weight * terms.value_loss + entropy_loss + shaping_loss
+        total = loss.detach()
         metrics = {
-            "loss": loss.detach(),
+            "loss": total,
             "policy_loss": terms.policy_loss.detach(),
             "value_loss": terms.value_loss.detach(),
             "entropy_loss": entropy_loss.detach(),
             "shaping_loss": shaping_loss.detach(),
-            "total_loss": loss.detach(),
+            "total_loss": total,
             "entropy": terms.entropy.detach(),
             "mean_advantage": terms.mean_advantage,
         }
