@@ -18,11 +18,16 @@ def _check_task_vector(name: str, tensor: Tensor | None, num_tasks: int) -> None
         )
 
 
-def _likelihood_scale(regression: Tensor | None, like: Tensor) -> Tensor:
-    """½ for the tasks with Kendall's Gaussian (regression) term, 1 for the others."""
-    if regression is None:
-        return torch.ones_like(like)
-    return torch.where(regression.to(device=like.device, dtype=torch.bool), 0.5, 1.0).to(like.dtype)
+def _constant_weights(
+    task_weights: Tensor | None, regression: Tensor | None, like: Tensor, uncertainty: bool
+) -> Tensor | None:
+    """:math:`w_i c_i`: the static weights times ½ for the regression tasks (with uncertainty weighting
+    only); None when every one is 1 (no op to make)."""
+    weights = None if task_weights is None else task_weights.to(like)
+    if not uncertainty or regression is None:
+        return weights
+    halves = torch.where(regression.to(device=like.device, dtype=torch.bool), 0.5, 1.0).to(like.dtype)
+    return halves if weights is None else weights * halves
 
 
 def effective_task_weights(
@@ -35,7 +40,6 @@ def effective_task_weights(
 
     :math:`w_i\,c_i\,e^{-s_i}` with uncertainty weighting (``log_variances`` given), :math:`w_i` without.
     ``c_i`` is ½ for ``regression`` tasks, else 1; ``w_i`` is 1 when ``task_weights`` is None.
-    :func:`multi_task_loss` computes its weights with this function: the two cannot drift apart.
 
     Args:
         log_variances: ``[T]`` learned :math:`s_i = \log\sigma_i^2`, or None.
@@ -50,14 +54,14 @@ def effective_task_weights(
     if reference is None:
         if num_tasks is None:
             raise ValueError("`num_tasks` is needed when `log_variances` and `task_weights` are both None")
-        reference = torch.ones(num_tasks)
-    dtype = compute_dtype(reference)
-    weights = torch.ones(reference.shape, dtype=dtype, device=reference.device)
-    if task_weights is not None:
-        weights = weights * task_weights.to(weights)
+        return torch.ones(num_tasks)
+    like = reference.to(compute_dtype(reference))
+    constant = _constant_weights(task_weights, regression, like, log_variances is not None)
     if log_variances is None:
-        return weights
-    return weights * _likelihood_scale(regression, weights) * torch.exp(-log_variances.to(dtype))
+        assert constant is not None  # task_weights
+        return constant
+    factors = torch.exp(-like)
+    return factors if constant is None else factors * constant
 
 
 def multi_task_loss(
@@ -112,13 +116,17 @@ def multi_task_loss(
 
     dtype = compute_dtype(task_losses)
     losses = task_losses.to(dtype)
-    flags = torch.ones(num_tasks, dtype=torch.bool, device=losses.device) if present is None else present != 0
-    # zero absent losses *before* they meet exp(-s): a NaN there would give s a NaN gradient
-    losses = torch.where(flags, losses, torch.zeros_like(losses))
-    s = None if log_variances is None else log_variances.to(dtype)
-    weights = torch.ones_like(losses) if task_weights is None else task_weights.to(losses)
-    factors = effective_task_weights(s, weights, regression)  # w_i c_i e^{-s_i}, in `dtype`
-    terms = factors * losses
-    if s is not None:  # + w_i c_i s_i, with w_i c_i the effective weights at s = 0
-        terms = terms + effective_task_weights(torch.zeros_like(s), weights, regression) * s
-    return torch.where(flags, terms, torch.zeros_like(terms)).sum()
+    flags = None if present is None else present if present.dtype == torch.bool else present != 0
+    if (
+        flags is not None
+    ):  # zero absent losses *before* they meet exp(-s): a NaN there would give s a NaN gradient
+        losses = torch.where(flags, losses, 0.0)
+    constant = _constant_weights(task_weights, regression, losses, log_variances is not None)  # w_i c_i
+    if log_variances is None:
+        terms = losses
+    else:  # w_i c_i (e^{-s_i} L_i + s_i)
+        s = log_variances.to(dtype)
+        terms = torch.exp(-s) * losses + s
+    if constant is not None:
+        terms = constant * terms
+    return (terms if flags is None else torch.where(flags, terms, 0.0)).sum()

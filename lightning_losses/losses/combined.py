@@ -402,7 +402,7 @@ class CombinedLoss(CompositeLoss):
             loss, component_metrics = self.run_component(name, args, kwargs)
             weighted = self.loss_weights[name] * loss
             component_metrics[f"{name}_weighted_loss"] = weighted.detach()
-            if not counted:  # a local mean: its share, as LossModule multiplies the loss by world_size
+            if not counted and scale != 1:  # a local mean: its share, as LossModule multiplies by world_size
                 weighted = weighted / scale
                 component_metrics = self.local_metrics(component_metrics, scale)
             total = weighted if total is None else total + weighted

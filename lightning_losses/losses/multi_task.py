@@ -157,6 +157,7 @@ class MultiTaskLoss(CompositeLoss):
         }
         weights = self._resolve_task_weights(task_weights, names)
         self.register_buffer("task_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+        self.weighted = any(w != 1 for w in weights)  # else the loss needs no multiply by them
         unknown = sorted(set(regression_tasks) - set(names))
         if unknown:
             raise ValueError(f"`regression_tasks` names {unknown}, which are not among the tasks {names}")
@@ -279,37 +280,48 @@ class MultiTaskLoss(CompositeLoss):
             if local is None and _holds_no_element(args, kwargs):  # an empty batch: read from shapes
                 local = torch.zeros((), dtype=torch.bool, device=loss.device)
             # Presence where the loss is normalized (see the class docstring): globally for a share of
-            # the global batch, so that every rank adds its s_i / R alike; else on this rank.
+            # the global batch, so that every rank adds its s_i / R alike; else on this rank. None:
+            # present, as the host knows (no op to make).
             if counted:
                 is_present = self._globally_present(name, kwargs, loss)
-            elif local is not None:
-                is_present = local
+                shown = is_present if local is None else is_present & local
             else:
-                is_present = torch.ones((), dtype=torch.bool, device=loss.device)
-            shown = is_present if local is None else is_present & local
-            if not counted:
+                is_present = shown = local
                 task_metrics = self.local_metrics(task_metrics, scale)
-            metrics |= {k: torch.where(shown, v, torch.zeros_like(v)) for k, v in task_metrics.items()}
+            if shown is not None:
+                task_metrics = {
+                    k: torch.where(shown, v, torch.zeros_like(v)) for k, v in task_metrics.items()
+                }
+            metrics |= task_metrics
             # The functional sums full-batch-equivalent losses; divided by `scale` below, a counted
             # (partial) loss stays a partial sum and the rest become this rank's share.
             losses.append(loss * scale if counted else loss)
             present.append(is_present)
         dtype = compute_dtype(*losses)
         task_losses = torch.stack([loss.to(dtype) for loss in losses])
+        flags = None
+        if any(p is not None for p in present):
+            true = torch.ones((), dtype=torch.bool, device=task_losses.device)
+            flags = torch.stack([true if p is None else p for p in present])
         total = multi_task_loss(
             task_losses,
             self.log_variances,
-            torch.stack(present),
-            task_weights=self.task_weights,
-            regression=self.regression,
+            flags,
+            task_weights=self.task_weights if self.weighted else None,
+            regression=self.regression if self.regression_tasks else None,
         )
         if scale != 1:
             total = total / scale
         with torch.no_grad():
-            weights = effective_task_weights(self.log_variances, self.task_weights, self.regression)
+            weights = effective_task_weights(
+                self.log_variances,
+                self.task_weights,
+                self.regression if self.regression_tasks else None,
+            )
+            sigmas = None if self.log_variances is None else torch.exp(0.5 * self.log_variances)
             for index, name in enumerate(self.task_names):
                 metrics[f"{name}_weight"] = weights[index]
-                if self.log_variances is not None:
-                    metrics[f"{name}_sigma"] = torch.exp(0.5 * self.log_variances[index])
+                if sigmas is not None:
+                    metrics[f"{name}_sigma"] = sigmas[index]
         metrics["loss"] = metrics["total_loss"] = total.detach()
         return LossOutput(total, metrics)
