@@ -24,6 +24,9 @@ Pairs, each on the same inputs in the same run (the library's ``nn.Module``, met
 - ``reward_shaping``: ``RewardShapingLoss`` (A2C terms and a potential-based shaping term) vs the same
   loss by hand over ``torch.distributions.Categorical`` (CleanRL's and Stable-Baselines3's form) and over
   ``log_softmax``;
+- ``multi_task`` / ``combined``: ``MultiTaskLoss`` (uncertainty weighting) / ``CombinedLoss`` (weights 0.75,
+  0.25) of a ``cross_entropy`` and an ``mse`` task vs the same sums written by hand over ``F.cross_entropy``
+  and ``F.mse_loss``;
 - ``nll`` / ``clipped_pg`` / ``dpo``: ``NLLLoss`` / ``ClippedPGLoss`` / ``DPOLoss`` on next-token logits
   ``[B, T, V]`` (a quarter of each sequence a masked prompt) vs ``F.cross_entropy`` with ``ignore_index``
   (Hugging Face's SFT loss) and the plain PPO-clip and DPO formulas, each over
@@ -77,6 +80,7 @@ from lightning_losses.functional.regression import (
 )
 from lightning_losses.losses import (
     ClippedPGLoss,
+    CombinedLoss,
     ContrastiveLoss,
     CrossEntropyLoss,
     DPOLoss,
@@ -84,6 +88,7 @@ from lightning_losses.losses import (
     InfoNCELoss,
     KLDivergenceLoss,
     MSELoss,
+    MultiTaskLoss,
     NLLLoss,
     RewardShapingLoss,
     SupConLoss,
@@ -101,6 +106,8 @@ LOSSES = (
     "infonce",
     "mse",
     "reward_shaping",
+    "multi_task",
+    "combined",
     "nll",
     "clipped_pg",
     "dpo",
@@ -296,6 +303,69 @@ def _regression_cases(sizes: Sequence[tuple[tuple[int, int], str | None]], devic
             refs[0].note = f"{_HOST_BOUND_NOTE}; {refs[0].note}"
         size = f"{n}x{d}" + ("" if masked is None else f" {masked}")
         cases.append(Case("mse", size, make, ("preds",), ours, refs, functional=functional))
+    return cases
+
+
+def _composite_cases(loss: str, sizes: Sequence[tuple[int, int, int]], device: str) -> list[Case]:
+    """``MultiTaskLoss`` / ``CombinedLoss`` of a classification task (``[N, C]`` logits) and a regression
+    task (``[N, D]`` predictions), each task's inputs by name."""
+    maps = {"digit": {"logits": "logits"}, "ink": {"preds": "preds", "target": "regression_target"}}
+    if loss == "multi_task":
+        module: torch.nn.Module = MultiTaskLoss(
+            {"digit": "cross_entropy", "ink": "mse"},
+            uncertainty_weighting=True,
+            init_log_variance=0.5,
+            regression_tasks=["ink"],
+            input_maps=maps,
+        )
+    elif loss == "combined":
+        module = CombinedLoss(
+            ["cross_entropy", "mse"], loss_weights=[0.75, 0.25], input_maps={"mse": maps["ink"]}
+        )
+    else:
+        raise ValueError(f"not a composite loss: {loss!r}")
+    module = module.to(device)
+    cases = []
+    for n, c, d in sizes:
+
+        def make(n: int = n, c: int = c, d: int = d) -> Inputs:
+            g = _generator()
+            inputs = {
+                "logits": torch.randn(n, c, generator=g),
+                "target": torch.randint(0, c, (n,), generator=g),
+                "preds": torch.randn(n, d, generator=g),
+                "regression_target": torch.randn(n, d, generator=g),
+            }
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs["logits"].requires_grad_()
+            inputs["preds"].requires_grad_()
+            return inputs
+
+        def ours(x: Inputs, f: torch.nn.Module = module) -> Tensor:
+            return f(**x).loss
+
+        if loss == "multi_task":
+            log_variances = module.log_variances
+
+            def by_hand(x: Inputs, s: Tensor = log_variances) -> Tensor:
+                return ref.hand_written_multi_task(
+                    x["logits"], x["target"], x["preds"], x["regression_target"], s
+                )
+
+            name = "exp(-s) CE + s + (exp(-s) MSE + s) / 2"
+        else:
+
+            def by_hand(x: Inputs) -> Tensor:
+                return 0.75 * F.cross_entropy(x["logits"], x["target"]) + 0.25 * F.mse_loss(
+                    x["preds"], x["regression_target"]
+                )
+
+            name = "0.75 F.cross_entropy + 0.25 F.mse_loss"
+        note = "ours: the task losses' modules (checks, accuracy), inputs bound by name, every term a metric"
+        if n * c < HOST_BOUND_ELEMENTS:
+            note = f"{_HOST_BOUND_NOTE}; {note}"
+        refs = [Reference(name, by_hand, True, note=note)]
+        cases.append(Case(loss, f"{n}x{c} + {n}x{d}", make, ("logits", "preds"), ours, refs))
     return cases
 
 
@@ -635,6 +705,10 @@ def build_cases(names: Sequence[str], *, quick: bool, device: str) -> list[Case]
             cases += _logit_cases(name, [(48, 10)] if quick else logit_sizes[name], device)
         elif name == "mse":
             cases += _regression_cases([((48, 3), None), ((8, 8), "tokens")] if quick else mse_sizes, device)
+        elif name in ("multi_task", "combined"):
+            # digits (64 rows, 10 classes, one regression output), ImageNet-sized classes, a large batch
+            sizes = [(16, 5, 1)] if quick else [(64, 10, 1), (2048, 1000, 16), (8192, 1000, 16)]
+            cases += _composite_cases(name, sizes, device)
         elif name == "reward_shaping":
             # CartPole A2C (8 envs x 8 steps), an Atari rollout of 16 envs x 128 steps, a large one
             cases += _actor_critic_cases([(16, 2)] if quick else [(64, 2), (2048, 18), (65536, 18)], device)

@@ -15,6 +15,7 @@ from torch import Tensor
 __all__ = [
     "actor_critic",
     "dpo",
+    "hand_written_multi_task",
     "info_nce_cross_entropy",
     "kl_div_composition",
     "masked_mse",
@@ -222,3 +223,18 @@ def actor_critic(
         - entropy_weight * entropy.mean()
         - shaping_weight * (shaping * log_prob).mean()
     )
+
+
+def hand_written_multi_task(
+    logits: Tensor, target: Tensor, preds: Tensor, regression_target: Tensor, log_variances: Tensor
+) -> Tensor:
+    r"""Kendall et al.'s uncertainty weighting of a classification and a regression task, as written by
+    hand: :math:`e^{-s_0}\,\mathrm{CE} + s_0 + \tfrac12(e^{-s_1}\,\mathrm{MSE} + s_1)`.
+
+    >>> hand_written_multi_task(torch.zeros(1, 2), torch.tensor([0]), torch.ones(1), torch.zeros(1),
+    ...                         torch.zeros(2))
+    tensor(1.1931)
+    """
+    s = log_variances
+    classification = torch.exp(-s[0]) * F.cross_entropy(logits, target) + s[0]
+    return classification + 0.5 * (torch.exp(-s[1]) * F.mse_loss(preds, regression_target) + s[1])
