@@ -27,6 +27,9 @@ Pairs, each on the same inputs in the same run (the library's ``nn.Module``, met
 - ``multi_task`` / ``combined``: ``MultiTaskLoss`` (uncertainty weighting) / ``CombinedLoss`` (weights 0.75,
   0.25) of a ``cross_entropy`` and an ``mse`` task vs the same sums written by hand over ``F.cross_entropy``
   and ``F.mse_loss``;
+- ``adversarial``: ``AdversarialLoss`` (FGSM, and PGD of 3 steps) training an MLP vs the same clean +
+  α · adversarial loss with the attack written by hand; the model's forward and backward passes are most
+  of the time, so the ratio shows the wrapper's cost;
 - ``nll`` / ``clipped_pg`` / ``dpo``: ``NLLLoss`` / ``ClippedPGLoss`` / ``DPOLoss`` on next-token logits
   ``[B, T, V]`` (a quarter of each sequence a masked prompt) vs ``F.cross_entropy`` with ``ignore_index``
   (Hugging Face's SFT loss) and the plain PPO-clip and DPO formulas, each over
@@ -60,6 +63,7 @@ from torch import Tensor
 
 from benchmarks import references as ref
 from benchmarks.guide_code import load as load_guide
+from lightning_losses.examples.models import MLP
 from lightning_losses.functional import (
     clipped_pg_loss,
     contrastive_loss,
@@ -79,6 +83,7 @@ from lightning_losses.functional.regression import (
     MASKED_FUSED_MIN_ELEMENTS as MSE_MASKED_FUSED_MIN_ELEMENTS,
 )
 from lightning_losses.losses import (
+    AdversarialLoss,
     ClippedPGLoss,
     CombinedLoss,
     ContrastiveLoss,
@@ -108,6 +113,7 @@ LOSSES = (
     "reward_shaping",
     "multi_task",
     "combined",
+    "adversarial",
     "nll",
     "clipped_pg",
     "dpo",
@@ -366,6 +372,54 @@ def _composite_cases(loss: str, sizes: Sequence[tuple[int, int, int]], device: s
             note = f"{_HOST_BOUND_NOTE}; {note}"
         refs = [Reference(name, by_hand, True, note=note)]
         cases.append(Case(loss, f"{n}x{c} + {n}x{d}", make, ("logits", "preds"), ours, refs))
+    return cases
+
+
+def _adversarial_cases(sizes: Sequence[tuple[int, int, int]], device: str) -> list[Case]:
+    """``AdversarialLoss`` training ``MLP(features, 10, hidden=(hidden,))`` on ``[N, features]`` inputs in
+    [0, 1], FGSM and 3-step PGD (size ``NxF attack, hidden``); each call first sets the parameters'
+    gradients to None."""
+    cases = []
+    epsilon, alpha = 0.1, 0.5
+    for n, features, hidden in sizes:
+        model = MLP(features, 10, hidden=(hidden,)).to(device)
+
+        def make(n: int = n, features: int = features) -> Inputs:
+            g = _generator()
+            inputs = {
+                "inputs": torch.rand(n, features, generator=g),
+                "target": torch.randint(0, 10, (n,), generator=g),
+            }
+            return {k: v.to(device) for k, v in inputs.items()}
+
+        for num_steps in (1, 3):
+            step_size = epsilon if num_steps == 1 else 2.5 * epsilon / num_steps
+            loss_fn = AdversarialLoss(epsilon=epsilon, alpha=alpha, num_steps=num_steps)
+
+            def ours(x: Inputs, f: AdversarialLoss = loss_fn, m: torch.nn.Module = model) -> Tensor:
+                m.zero_grad(set_to_none=True)
+                return f(m, x["inputs"], x["target"]).loss
+
+            def by_hand(
+                x: Inputs, m: torch.nn.Module = model, steps: int = num_steps, eta: float = step_size
+            ) -> Tensor:
+                m.zero_grad(set_to_none=True)
+                return ref.adversarial_training(
+                    m, x["inputs"], x["target"], epsilon=epsilon, alpha=alpha, num_steps=steps, step_size=eta
+                )
+
+            attack = "FGSM" if num_steps == 1 else f"PGD-{num_steps}"
+            refs = [
+                Reference(
+                    f"{attack} by hand, F.cross_entropy",
+                    by_hand,
+                    True,
+                    note="ours: the library's cross_entropy (checks, accuracy), 4 more metrics",
+                    compilable=False,
+                )
+            ]
+            size = f"{n}x{features} {attack}, {hidden}"
+            cases.append(Case("adversarial", size, make, (), ours, refs))
     return cases
 
 
@@ -705,6 +759,9 @@ def build_cases(names: Sequence[str], *, quick: bool, device: str) -> list[Case]
             cases += _logit_cases(name, [(48, 10)] if quick else logit_sizes[name], device)
         elif name == "mse":
             cases += _regression_cases([((48, 3), None), ((8, 8), "tokens")] if quick else mse_sizes, device)
+        elif name == "adversarial":
+            # digits (64 rows of 8x8 pixels) with the examples' MLP, and a wider model and batch
+            cases += _adversarial_cases([(16, 8, 16)] if quick else [(64, 64, 128), (1024, 64, 1024)], device)
         elif name in ("multi_task", "combined"):
             # digits (64 rows, 10 classes, one regression output), ImageNet-sized classes, a large batch
             sizes = [(16, 5, 1)] if quick else [(64, 10, 1), (2048, 1000, 16), (8192, 1000, 16)]

@@ -95,7 +95,8 @@ class LossFunction(nn.Module):
       are *partial sums* on one rank; they are summed over ranks when logged. The ``loss`` key of a
       token/sequence-level loss always is.
 
-    and a method: ``valid_tokens(inputs)`` (below), when its denominator is not just the token mask.
+    and methods: ``valid_tokens(inputs)`` (below), when its denominator is not just the token mask, and
+    ``loss_only(...)``, when the loss alone costs fewer ops than the loss with its metrics.
 
     ``forward`` may be written as the guide's protocol (also as ``__call__``, without calling
     ``super().__init__()``)::
@@ -128,6 +129,12 @@ class LossFunction(nn.Module):
         (the default): count ``batch[token_mask_key]``.
         """
         return None
+
+    def loss_only(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The loss of ``self(*args, **kwargs)`` without its metrics, for callers that use the value alone
+        (an adversarial attack's objective: ``AdversarialLoss``). By default the call's loss; a loss whose
+        metrics cost ops of their own (``cross_entropy``'s accuracy) computes the loss alone."""
+        return split_output(self(*args, **kwargs)).loss
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -279,27 +286,30 @@ def check_class_targets(
     num_classes: int,
     ignore_index: int | None = None,
     mask: Tensor | None = None,
-) -> None:
+) -> bool:
     """Check integer class targets: dtype always; the range ``[0, num_classes)`` of the elements that
-    count (not ``ignore_index``, non-zero ``mask``) when value checks run."""
+    count (not ``ignore_index``, non-zero ``mask``) when value checks run.
+
+    Returns whether the check found *every* element, counted or not, in range (False when it did not
+    look): a caller may then skip its own handling of out-of-range ``ignore_index`` targets."""
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"`{name}` must hold integer class indices, got {_describe(target)}")
     if target.numel() == 0 or not value_checks_enabled(target):
-        return
+        return False
     if num_classes > 0:  # every element in range, uncounted ones too (often so): one op
         low, high = torch.aminmax(target)
         if int(low) >= 0 and int(high) < num_classes:
-            return
+            return True
     keep = None if mask is None else mask != 0
     if ignore_index is not None:
         keep = target != ignore_index if keep is None else keep & (target != ignore_index)
     if keep is not None and num_classes > 0:  # without boolean indexing: uncounted elements as class 0
         low, high = torch.aminmax(torch.where(keep, target, 0))
         if int(low) >= 0 and int(high) < num_classes:
-            return
+            return False
     valid = target if keep is None else target[keep]
     if valid.numel() == 0:
-        return
+        return False
     low, high = int(valid.min()), int(valid.max())
     if low < 0 or high >= num_classes:
         ignored = "" if ignore_index is None else f" (other than ignore_index={ignore_index})"
@@ -307,6 +317,7 @@ def check_class_targets(
             f"`{name}` must lie in [0, {num_classes}){ignored}, got values in [{low}, {high}] "
             f"for shape {tuple(target.shape)}"
         )
+    return False
 
 
 def check_finite(name: str, tensor: Tensor) -> None:

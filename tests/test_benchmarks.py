@@ -32,8 +32,10 @@ def test_every_row_is_produced_with_positive_times(quick_report, capsys):
     assert {loss for loss, _ in rows} == set(LOSSES) - {"guide"}
     for row in rows.values():
         assert row["ours_ms"] > 0
-        # composites are modules of modules: they have no functional form to time
-        assert (row["ours_functional_ms"] is None) == (row["loss"] in ("multi_task", "combined"))
+        # composites and the adversarial wrapper have no functional form of the same inputs to time
+        assert (row["ours_functional_ms"] is None) == (
+            row["loss"] in ("multi_task", "combined", "adversarial")
+        )
         assert row["ours_functional_ms"] is None or row["ours_functional_ms"] > 0
         assert row["ours_compiled_ms"] is None and row["peak_memory_ratio"] is None  # no --compile, CPU
         if row["reference_ms"] is not None:  # run (not skipped)

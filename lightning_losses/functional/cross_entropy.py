@@ -275,7 +275,8 @@ def _check(
     ignore_index: int,
     label_smoothing: float,
     weight: Tensor | None,
-) -> None:
+) -> bool:
+    """The checks; returns whether every target was found in ``[0, C)`` (see ``check_class_targets``)."""
     check_floating("logits", logits)
     check_ndim("logits", logits, (2, 3))
     if target.shape != logits.shape[:-1]:
@@ -286,11 +287,12 @@ def _check(
     num_classes = logits.shape[-1]
     if mask is not None:
         check_mask("mask", mask, target.shape)
-    check_class_targets("target", target, num_classes, ignore_index, mask)
+    in_range = check_class_targets("target", target, num_classes, ignore_index, mask)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1], got {label_smoothing}")
     if weight is not None and tuple(weight.shape) != (num_classes,):
         raise ValueError(f"`weight` must have shape ({num_classes},), got {tuple(weight.shape)}")
+    return in_range
 
 
 def _cross_entropy(
@@ -311,37 +313,49 @@ def _cross_entropy(
     elements itself, and without a ``mask`` it also sums them (at [64, 10] on this project's CPU, fwd+bwd
     with the accuracy took 92 µs against 163 µs with masks made of ``ignore_index``).
     """
-    _check(logits, target, mask, ignore_index, label_smoothing, weight)
+    in_range = _check(logits, target, mask, ignore_index, label_smoothing, weight)
     target = target if target.dtype == torch.int64 else target.long()  # F.cross_entropy takes int64 only
     num_classes = logits.shape[-1]
     dtype = compute_dtype(logits)
     flat_logits = (logits if logits.ndim == 2 else logits.reshape(-1, num_classes)).to(dtype)
     flat_target = target if target.ndim == 1 else target.reshape(-1)
     class_weight = None if weight is None else weight.to(device=logits.device, dtype=dtype)
-    if mask is None:  # the valid elements weigh 1: `keep` holds them
+    # every element counts, as the host knows (a CPU check read the targets' range, and `ignore_index`
+    # is not a class): no masks, counts or selects to make
+    all_count = mask is None and in_range and not 0 <= ignore_index < num_classes
+    if all_count:
+        valid = keep = None
+    elif mask is None:  # the valid elements weigh 1: `keep` holds them
         valid, keep = None, flat_target != ignore_index
     else:
         valid = valid_mask(target, mask, ignore_index, dtype).reshape(-1)
         keep = valid != 0
     fused = flat_logits.device.type == "cpu" and flat_logits.numel() >= FUSED_MIN_ELEMENTS and fused_path()
     # in-range targets (class 0 for the elements that do not count), where an op indexes with them
-    needs_safe = fused or valid is not None or class_weight is not None
+    needs_safe = keep is not None and (fused or valid is not None or class_weight is not None)
     safe_target = torch.where(keep, flat_target, 0) if needs_safe else flat_target
     hits = None
+    whole_mean = False
     if fused:
         smoothing, need_grad = float(label_smoothing), _needs_grad(flat_logits)
         per_element, hits = _CrossEntropy.apply(
             flat_logits, safe_target, class_weight, smoothing, need_accuracy, need_grad
         )
-        total = torch.where(keep, per_element if valid is None else per_element * valid, 0.0).sum()
+        if keep is None:
+            total = per_element.sum()
+        else:
+            total = torch.where(keep, per_element if valid is None else per_element * valid, 0.0).sum()
     else:
         if valid is None:  # F.cross_entropy skips the ignored elements: they add 0, and 0 to the gradient
+            # with every element counted F.cross_entropy's mean is the loss (its denominator: the count, or
+            # the targets' total class weight, as below)
+            whole_mean = keep is None and global_valid_toks is None and flat_target.numel() > 0
             total = F.cross_entropy(
                 flat_logits,
                 flat_target,
                 weight=class_weight,
                 ignore_index=ignore_index,
-                reduction="sum",
+                reduction="mean" if whole_mean else "sum",
                 label_smoothing=label_smoothing,
             )
         else:  # masked-out targets may be out of range: class 0 stands in for them
@@ -355,19 +369,28 @@ def _cross_entropy(
             total = torch.where(keep, per_element * valid, 0.0).sum()
         if need_accuracy:
             hits = row_argmax(flat_logits.detach()) == flat_target
-    count = keep.sum() if valid is None else valid.sum()  # the valid elements (weighted by the mask)
+    # the valid elements (weighted by the mask)
+    count = flat_target.numel() if keep is None else keep.sum() if valid is None else valid.sum()
     accuracy = None
     if need_accuracy:
         assert hits is not None
         with torch.no_grad():
-            correct = (hits & keep).sum() if valid is None else torch.where(hits, valid, 0.0).sum()
+            if valid is not None:
+                correct = torch.where(hits, valid, 0.0).sum()
+            else:
+                correct = hits.sum() if keep is None else (hits & keep).sum()
             accuracy = divide_by_count(correct, count)  # float32 from integer counts
             accuracy = accuracy if accuracy.dtype == dtype else accuracy.to(dtype)
     if global_valid_toks is not None:
         return divide_by_count(total, global_valid_toks), accuracy
+    if whole_mean:
+        return total, accuracy
     if class_weight is not None:  # the mean's denominator weighs each valid element by its class weight
         weights = class_weight[safe_target]
-        count = torch.where(keep, weights, 0.0).sum() if valid is None else (valid * weights).sum()
+        if valid is not None:
+            count = (valid * weights).sum()
+        else:
+            count = weights.sum() if keep is None else torch.where(keep, weights, 0.0).sum()
     return divide_by_count(total, count), accuracy
 
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightning_losses.binding import callable_signature
 from lightning_losses.functional.adversarial import adversarial_loss, check_attack_options, normal_tensor
+from lightning_losses.functional.cross_entropy import row_argmax
 from lightning_losses.protocol import LossFunction, LossOutput, split_output
 from lightning_losses.reduction import divide_by_count
 from lightning_losses.registry import build_loss, register_loss
@@ -147,6 +148,11 @@ class AdversarialLoss(LossFunction):
         def base(output: Any, y: Tensor, **kwargs: Any) -> Tensor:
             return split_output(self.base_loss(self._model_output(output), y, **kwargs)).loss
 
+        def attack_objective(output: Any, y: Tensor) -> Tensor:  # the value alone: no metrics computed
+            if isinstance(self.base_loss, LossFunction):
+                return self.base_loss.loss_only(self._model_output(output), y, **attack_extras)
+            return base(output, y, **attack_extras)
+
         terms = adversarial_loss(
             model,
             inputs,
@@ -160,7 +166,7 @@ class AdversarialLoss(LossFunction):
             random_start=self.random_start,
             clamp_min=self.clamp_min,
             clamp_max=self.clamp_max,
-            attack_loss=lambda output, y: base(output, y, **attack_extras),
+            attack_loss=attack_objective,
             eval_mode_attack=self.eval_mode_attack,
         )
         loss = terms.loss
@@ -187,6 +193,6 @@ class AdversarialLoss(LossFunction):
                 valid = target >= 0 if mask is None else (mask != 0) & (target >= 0)
                 valid = valid.to(loss.dtype)
                 for key, out in (("clean_accuracy", clean_out), ("adversarial_accuracy", adv_out)):
-                    correct = (out.detach().argmax(-1) == target).to(loss.dtype) * valid
+                    correct = (row_argmax(out.detach()) == target).to(loss.dtype) * valid
                     metrics[key] = divide_by_count(correct.sum(), valid.sum())
         return LossOutput(loss, metrics)

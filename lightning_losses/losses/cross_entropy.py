@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_losses.functional.cross_entropy import cross_entropy_with_metrics, valid_mask
+from lightning_losses.functional.cross_entropy import cross_entropy, cross_entropy_with_metrics, valid_mask
 from lightning_losses.protocol import LossFunction, LossOutput, LossType
 from lightning_losses.registry import register_loss
 
@@ -83,3 +83,22 @@ class CrossEntropyLoss(LossFunction):
         if self.scale != 1.0:  # a multiply and its autograd node less a call
             loss = self.scale * loss
         return LossOutput(loss, {"loss": loss.detach(), **metrics})
+
+    def loss_only(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        mask: Tensor | None = None,
+        global_valid_toks: Tensor | None = None,
+    ) -> Tensor:
+        """The loss without the accuracy (no argmax pass over the logits)."""
+        loss = cross_entropy(
+            logits,
+            target,
+            mask,
+            global_valid_toks,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            weight=self.class_weight,
+        )
+        return self.scale * loss if self.scale != 1.0 else loss

@@ -251,3 +251,40 @@ def test_any_integer_target_dtype_equals_int64(dtype):
     torch.testing.assert_close(actual.loss, expected.loss)
     torch.testing.assert_close(actual.metrics["accuracy"], expected.metrics["accuracy"])
     torch.testing.assert_close(actual.loss, F.cross_entropy(logits, target))
+
+
+@pytest.mark.parametrize("with_count", [False, True], ids=["mean", "global_count"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.2}, {"weight": CLASS_WEIGHTS}, {"ignore_index": 2}],
+    ids=["plain", "smoothing", "class_weights", "ignore_index_a_class"],
+)
+def test_targets_known_in_range_take_the_same_values_as_unchecked_ones(options, with_count):
+    """When the CPU range check has seen every target in [0, C) (and `ignore_index` is no class), the loss
+    skips its masks and counts; the values must equal those of the path that never looks (value checks
+    off, as on a GPU) and F.cross_entropy. With `ignore_index=2` some targets are that class: ignored."""
+    from lightning_losses import set_value_checks
+    from lightning_losses.functional.cross_entropy import cross_entropy_with_metrics
+
+    g = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(9, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    target = torch.tensor([0, 1, 2, 3, 4, 2, 1, 0, 3])
+    if "weight" in options:
+        options = options | {"weight": torch.tensor(CLASS_WEIGHTS, dtype=torch.float64)}
+    count = torch.tensor(12) if with_count else None
+    results = []
+    for mode in ("auto", "never"):
+        try:
+            set_value_checks(mode)
+            loss, metrics = cross_entropy_with_metrics(logits, target, None, count, **options)
+        finally:
+            set_value_checks("auto")
+        (grad,) = torch.autograd.grad(loss, logits)
+        results.append((loss, metrics["accuracy"], grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+    expected = F.cross_entropy(logits, target, reduction="sum" if with_count else "mean", **options)
+    torch.testing.assert_close(results[0][0], expected / 12 if with_count else expected)
+    counted = target != options.get("ignore_index", -100)
+    hits = (logits.argmax(-1) == target) & counted
+    torch.testing.assert_close(results[0][1], (hits.sum() / counted.sum()).double())
