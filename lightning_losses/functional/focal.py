@@ -90,7 +90,9 @@ def _check_inputs(
     mode: str,
     ignore_index: int | None,
     float_range: bool = True,
-) -> None:
+) -> bool:
+    """The checks; returns whether every multiclass target was found in ``[0, C)`` (see
+    ``check_class_targets``; False in the other modes)."""
     check_floating("logits", logits)
     if mode == "multiclass":
         check_ndim("logits", logits, (2, 3))
@@ -109,9 +111,10 @@ def _check_inputs(
     if mask is not None:
         check_mask("mask", mask, target.shape)
     if mode == "multiclass":
-        check_class_targets("target", target, logits.shape[-1], ignore_index, mask)
-    elif float_range or not target.is_floating_point():  # else the fused path checks it block by block
+        return check_class_targets("target", target, logits.shape[-1], ignore_index, mask)
+    if float_range or not target.is_floating_point():  # else the fused path checks it block by block
         _check_binary_targets(target, mask, ignore_index)
+    return False
 
 
 def _check_binary_targets(target: Tensor, mask: Tensor | None, ignore_index: int | None) -> None:
@@ -363,7 +366,8 @@ def _write_block(grad: Tensor, block: slice, values: Tensor) -> None:
 
 class _SoftmaxFocal(torch.autograd.Function):
     r"""Multiclass focal terms of ``x [R, C]`` (any floating dtype, computed in ``dtype``) against
-    in-range ``target [R]``; rows with ``keep`` False get 0 and a zero gradient.
+    in-range ``target [R]``; rows with ``keep`` False get 0 and a zero gradient (``keep`` None: all
+    rows count).
 
     Returns ``(focal [R], log_p_t [R], hits [R] or empty)``; only ``focal`` is differentiable; ``hits``
     says whether the target is the row's ``argmax``. Each block of rows takes PyTorch's fused softmax
@@ -385,7 +389,7 @@ class _SoftmaxFocal(torch.autograd.Function):
         ctx: Any,
         x: Tensor,
         target: Tensor,
-        keep: Tensor,
+        keep: Tensor | None,
         gamma: float,
         dtype: torch.dtype,
         need_hits: bool,
@@ -394,7 +398,7 @@ class _SoftmaxFocal(torch.autograd.Function):
         rows = len(x)
         # per row: r = 1 - p_t, p_t and the largest other probability
         rest, p_t, others_max = (torch.empty(rows, dtype=dtype, device=x.device) for _ in range(3))
-        dropped = _dropped_rows(keep)
+        dropped = None if keep is None else _dropped_rows(keep)
         grad = torch.empty_like(x) if need_grad else None
         in_grad = grad if grad is not None and grad.dtype == dtype else None  # the softmax written into it
         for block in row_blocks(*x.shape, x.device):
@@ -416,7 +420,7 @@ class _SoftmaxFocal(torch.autograd.Function):
         # p_t log p_t / r: its limit -1 at r = 0; 0 where p_t underflows (log p_t is finite)
         p_log_p_over_r = torch.where(rest > 0, p_t * (log_p_t / rest), -1.0)
         focal, coefficient = factor * log_p_t.neg(), factor * (1 - gamma * p_log_p_over_r)
-        if dropped is None or len(dropped):  # rows that do not count: 0 (none on a CPU without a host read)
+        if keep is not None and (dropped is None or len(dropped)):  # rows that do not count: 0
             focal, coefficient = torch.where(keep, focal, 0.0), torch.where(keep, coefficient, 0.0)
         ctx.save_for_backward(x, target, keep, coefficient, rest)
         ctx.dtype, ctx.dropped, ctx.grad = dtype, dropped, grad
@@ -441,7 +445,7 @@ class _SoftmaxFocal(torch.autograd.Function):
                 _write_block(grad, block, p)  # a no-op where p is written in grad already
         grad.mul_(scale[:, None].to(grad.dtype))
         grad.scatter_(-1, target[:, None], (-scale * rest)[:, None].to(grad.dtype))
-        if dropped is None:  # rows that do not count were not zeroed: their NaN · 0 is cleared here
+        if keep is not None and dropped is None:  # rows not zeroed (no host read): NaN · 0 cleared here
             grad.masked_fill_(~keep[:, None], 0.0)
         return (grad, *(None,) * 6)
 
@@ -678,12 +682,17 @@ def _focal(
             accuracy = masked_mean(correct.to(terms.valid.dtype), terms.valid)
         return loss, {"p_t": p_t, "accuracy": accuracy}
 
-    _check_inputs(logits, target, mask, mode, ignore_index, float_range=False)
+    in_range = _check_inputs(logits, target, mask, mode, ignore_index, float_range=False)
     dtype = compute_dtype(logits)
     alpha_value = _alpha_tensor(alpha, logits, mode, dtype)
     if mode == "multiclass":
         flat_target = (target if target.dtype == torch.int64 else target.long()).reshape(-1)  # gather's
-        if mask is None:  # the valid elements weigh 1: `keep` holds them
+        classes = logits.shape[-1]
+        # every element counts, as the host knows (the CPU check saw the targets in range, and
+        # `ignore_index` is no class): no mask, select or count to make
+        if mask is None and in_range and (ignore_index is None or not 0 <= ignore_index < classes):
+            weights = keep = None
+        elif mask is None:  # the valid elements weigh 1: `keep` holds them
             weights = None
             keep = (
                 torch.ones_like(flat_target, dtype=torch.bool)
@@ -693,8 +702,7 @@ def _focal(
         else:
             weights = valid_mask(flat_target, mask.reshape(-1), ignore_index, dtype)
             keep = weights != 0
-        safe_target = torch.where(keep, flat_target, 0)
-        classes = logits.shape[-1]
+        safe_target = flat_target if keep is None else torch.where(keep, flat_target, 0)
         focal, log_p_t, hits = _SoftmaxFocal.apply(
             logits.reshape(-1, classes), safe_target, keep, float(gamma), dtype,
             with_metrics, logits.requires_grad and torch.is_grad_enabled(),
@@ -702,13 +710,16 @@ def _focal(
         if alpha_value is not None:
             focal = (alpha_value if alpha_value.ndim == 0 else alpha_value[safe_target]) * focal
         # the focal terms are 0 where `keep` is False: no select needed to sum them
-        count = keep.sum() if weights is None else weights.sum()
+        count = flat_target.numel() if keep is None else keep.sum() if weights is None else weights.sum()
         total = focal.sum() if weights is None else (focal * weights).sum()
         loss = divide_by_count(total, count if global_valid_toks is None else global_valid_toks)
         if not with_metrics:
             return loss, {}
         with torch.no_grad():
-            correct = (hits & keep).sum() if weights is None else torch.where(hits, weights, 0.0).sum()
+            if weights is not None:
+                correct = torch.where(hits, weights, 0.0).sum()
+            else:
+                correct = hits.sum() if keep is None else (hits & keep).sum()
             accuracy = divide_by_count(correct, count)  # float32 from integer counts
             return loss, {
                 "p_t": divide_by_count(

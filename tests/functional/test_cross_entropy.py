@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_losses import set_value_checks
 from lightning_losses.functional import cross_entropy
+from lightning_losses.functional.cross_entropy import cross_entropy_with_metrics
 from lightning_losses.losses import CrossEntropyLoss
 from tests.loss_tester import LossTester
 
@@ -263,8 +265,6 @@ def test_targets_known_in_range_take_the_same_values_as_unchecked_ones(options, 
     """When the CPU range check has seen every target in [0, C) (and `ignore_index` is no class), the loss
     skips its masks and counts; the values must equal those of the path that never looks (value checks
     off, as on a GPU) and F.cross_entropy. With `ignore_index=2` some targets are that class: ignored."""
-    from lightning_losses import set_value_checks
-    from lightning_losses.functional.cross_entropy import cross_entropy_with_metrics
 
     g = torch.Generator().manual_seed(5)
     logits = (3 * torch.randn(9, 5, generator=g, dtype=torch.float64)).requires_grad_()

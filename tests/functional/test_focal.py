@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_losses import LossModule
+from lightning_losses import LossModule, set_value_checks
 from lightning_losses.examples import MLP
-from lightning_losses.functional.focal import focal_elements, focal_loss
+from lightning_losses.functional.focal import focal_elements, focal_loss, focal_loss_with_metrics
 from lightning_losses.losses.focal import FocalLoss
 from lightning_losses.registry import build_loss
 from tests.helpers import TinyLM
@@ -740,3 +740,34 @@ def test_multiclass_takes_any_integer_target_dtype(dtype):
     torch.testing.assert_close(actual, expected)
     reference = brute_force_multiclass_focal(logits.detach(), target, torch.ones(7), gamma=2.0)
     torch.testing.assert_close(expected.double(), torch.as_tensor(reference, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"alpha": CLASS_ALPHA}, {"ignore_index": 2}],
+    ids=["plain", "class_alpha", "ignore_index_a_class"],
+)
+def test_multiclass_targets_known_in_range_take_the_same_values_as_unchecked_ones(options):
+    """Where the CPU range check saw every target in [0, C) and `ignore_index` is no class, the fused
+    multiclass path makes no keep mask or counts: loss, gradient and metrics must equal those of the path
+    that never looks (value checks off, as on a GPU) and the brute-force reference."""
+
+    g = torch.Generator().manual_seed(7)
+    logits = (3 * torch.randn(9, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    target = torch.tensor([0, 1, 2, 3, 4, 2, 1, 0, 3])
+    kwargs = dict(options)
+    if "alpha" in kwargs:
+        kwargs["alpha"] = torch.tensor(kwargs["alpha"], dtype=torch.float64)
+    results = []
+    for mode in ("auto", "never"):
+        try:
+            set_value_checks(mode)
+            loss, metrics = focal_loss_with_metrics(logits, target, gamma=2.0, **kwargs)
+        finally:
+            set_value_checks("auto")
+        (grad,) = torch.autograd.grad(loss, logits)
+        results.append((loss, grad, metrics["accuracy"], metrics["p_t"]))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+    expected = brute_force_multiclass_focal(logits.detach(), target, torch.ones(9), gamma=2.0, **options)
+    torch.testing.assert_close(results[0][0], expected)
