@@ -132,8 +132,8 @@ class LossFunction(nn.Module):
 
     def loss_only(self, *args: Any, **kwargs: Any) -> Tensor:
         """The loss of ``self(*args, **kwargs)`` without its metrics, for callers that use the value alone
-        (an adversarial attack's objective: ``AdversarialLoss``). By default the call's loss; a loss whose
-        metrics cost ops of their own (``cross_entropy``'s accuracy) computes the loss alone."""
+        (``AdversarialLoss``: its attack's objective and its two terms). By default the call's loss; a loss
+        whose metrics cost ops of their own (``cross_entropy``'s accuracy) computes the loss alone."""
         return split_output(self(*args, **kwargs)).loss
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

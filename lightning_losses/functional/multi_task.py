@@ -22,7 +22,8 @@ def _constant_weights(
     task_weights: Tensor | None, regression: Tensor | None, like: Tensor, uncertainty: bool
 ) -> Tensor | None:
     """:math:`w_i c_i`: the static weights times ½ for the regression tasks (with uncertainty weighting
-    only); None when every one is 1 (no op to make)."""
+    only); None when every one is 1 (no op to make). The loss and :func:`effective_task_weights` both take
+    them from here: the weights reported cannot drift from those applied."""
     weights = None if task_weights is None else task_weights.to(like)
     if not uncertainty or regression is None:
         return weights
@@ -117,9 +118,8 @@ def multi_task_loss(
     dtype = compute_dtype(task_losses)
     losses = task_losses.to(dtype)
     flags = None if present is None else present if present.dtype == torch.bool else present != 0
-    if (
-        flags is not None
-    ):  # zero absent losses *before* they meet exp(-s): a NaN there would give s a NaN gradient
+    # zero absent losses *before* they meet exp(-s): a NaN there would give s a NaN gradient
+    if flags is not None:
         losses = torch.where(flags, losses, 0.0)
     constant = _constant_weights(task_weights, regression, losses, log_variances is not None)  # w_i c_i
     if log_variances is None:

@@ -146,12 +146,10 @@ class AdversarialLoss(LossFunction):
         attack_extras = {k: v for k, v in extras.items() if k == "mask"}
 
         def base(output: Any, y: Tensor, **kwargs: Any) -> Tensor:
-            return split_output(self.base_loss(self._model_output(output), y, **kwargs)).loss
-
-        def attack_objective(output: Any, y: Tensor) -> Tensor:  # the value alone: no metrics computed
-            if isinstance(self.base_loss, LossFunction):
-                return self.base_loss.loss_only(self._model_output(output), y, **attack_extras)
-            return base(output, y, **attack_extras)
+            output = self._model_output(output)
+            if isinstance(self.base_loss, LossFunction):  # the value alone: its metrics would be dropped
+                return self.base_loss.loss_only(output, y, **kwargs)
+            return split_output(self.base_loss(output, y, **kwargs)).loss
 
         terms = adversarial_loss(
             model,
@@ -166,7 +164,7 @@ class AdversarialLoss(LossFunction):
             random_start=self.random_start,
             clamp_min=self.clamp_min,
             clamp_max=self.clamp_max,
-            attack_loss=attack_objective,
+            attack_loss=lambda output, y: base(output, y, **attack_extras),
             eval_mode_attack=self.eval_mode_attack,
         )
         loss = terms.loss
