@@ -109,6 +109,11 @@ def mse(
     does (no value is checked: ``LossModule``'s ``nan_policy`` sees it); masked-out elements never reach
     the loss nor, even when NaN or inf, its gradient (exactly 0 there).
 
+    From :data:`MASKED_FUSED_MIN_ELEMENTS` elements with a mask (:data:`FUSED_MIN_ELEMENTS` without) a
+    fused function computes it (a BLAS ``dot``, the gradient made in the forward), which has first
+    derivatives only (a double backward raises); smaller inputs take plain ops (``F.mse_loss`` alone
+    without a mask). The loss is float64 if either input is, else float32.
+
     >>> mse(torch.tensor([1.0, 2.0, 5.0]), torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1, 1, 0]))
     tensor(2.)
     """
