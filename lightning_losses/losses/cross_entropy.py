@@ -71,17 +71,8 @@ class CrossEntropyLoss(LossFunction):
         mask: Tensor | None = None,
         global_valid_toks: Tensor | None = None,
     ) -> LossOutput:
-        loss, metrics = cross_entropy_with_metrics(
-            logits,
-            target,
-            mask,
-            global_valid_toks,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            weight=self.class_weight,
-        )
-        if self.scale != 1.0:  # a multiply and its autograd node less a call
-            loss = self.scale * loss
+        loss, metrics = cross_entropy_with_metrics(logits, target, mask, global_valid_toks, **self._options())
+        loss = self._scaled(loss)
         return LossOutput(loss, {"loss": loss.detach(), **metrics})
 
     def loss_only(
@@ -92,13 +83,14 @@ class CrossEntropyLoss(LossFunction):
         global_valid_toks: Tensor | None = None,
     ) -> Tensor:
         """The loss without the accuracy (no argmax pass over the logits)."""
-        loss = cross_entropy(
-            logits,
-            target,
-            mask,
-            global_valid_toks,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            weight=self.class_weight,
-        )
-        return self.scale * loss if self.scale != 1.0 else loss
+        return self._scaled(cross_entropy(logits, target, mask, global_valid_toks, **self._options()))
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "ignore_index": self.ignore_index,
+            "label_smoothing": self.label_smoothing,
+            "weight": self.class_weight,
+        }
+
+    def _scaled(self, loss: Tensor) -> Tensor:
+        return self.scale * loss if self.scale != 1.0 else loss  # a multiply and its autograd node less
