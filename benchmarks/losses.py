@@ -735,11 +735,12 @@ def _pml_ntxent_call(temperature: float) -> Callable[[Inputs], Tensor]:
 
 def build_cases(names: Sequence[str], *, quick: bool, device: str) -> list[Case]:
     """The cases of ``names`` (see :data:`LOSSES`) at full or ``quick`` (tiny) sizes."""
-    logit_sizes = {  # each with 64x10, a small classifier's batch (digits: 64 rows, 10 classes)
-        "cross_entropy": [(4096, 32768), (4096, 8192), (16384, 1024), (64, 10)],
-        "focal_multiclass": [(4096, 32768), (8192, 1000), (64, 10)],
-        "focal_sigmoid": [(65536, 80), (8192, 1000), (64, 10)],
-        "kl_divergence": [(4096, 32768), (8192, 1000), (64, 10)],
+    # each with 256x1000 (an ImageNet classifier's batch) and 64x10 (digits: 64 rows, 10 classes)
+    logit_sizes = {
+        "cross_entropy": [(4096, 32768), (4096, 8192), (16384, 1024), (256, 1000), (64, 10)],
+        "focal_multiclass": [(4096, 32768), (8192, 1000), (256, 1000), (64, 10)],
+        "focal_sigmoid": [(65536, 80), (8192, 1000), (256, 1000), (64, 10)],
+        "kl_divergence": [(4096, 32768), (8192, 1000), (256, 1000), (64, 10)],
     }
     batches = {"contrastive": [256, 1024, 4096], "supcon": [256, 1024, 4096], "infonce": [128, 512, 2048]}
     # [B, T, V]: 4096 scored tokens of a 32k and an 8k vocabulary (an LLM's micro-batch), and a small one
