@@ -258,8 +258,14 @@ def test_any_integer_target_dtype_equals_int64(dtype):
 @pytest.mark.parametrize("with_count", [False, True], ids=["mean", "global_count"])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"label_smoothing": 0.2}, {"weight": CLASS_WEIGHTS}, {"ignore_index": 2}],
-    ids=["plain", "smoothing", "class_weights", "ignore_index_a_class"],
+    [
+        {},
+        {"label_smoothing": 0.2},
+        {"weight": CLASS_WEIGHTS},
+        {"weight": CLASS_WEIGHTS, "label_smoothing": 0.3},
+        {"ignore_index": 2},
+    ],
+    ids=["plain", "smoothing", "class_weights", "weights_and_smoothing", "ignore_index_a_class"],
 )
 def test_targets_known_in_range_take_the_same_values_as_unchecked_ones(options, with_count):
     """When the CPU range check has seen every target in [0, C) (and `ignore_index` is no class), the loss
