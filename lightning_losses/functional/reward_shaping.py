@@ -306,8 +306,10 @@ def reward_shaping_terms(
         return divide_by_count(masked_sum(per_row, valid), count)
 
     policy_loss = mean(-adv * taken)
-    # the masked, NaN-safe mean that `mse` is (F.mse_loss itself without a mask or a global count)
-    value_loss = mse(values.to(dtype), returns.detach().to(dtype), mask, global_valid_seqs)
+    # the masked, NaN-safe mean that `mse` is, over the count made above (a tensor with a mask or a global
+    # count; without either mse counts on the host and is F.mse_loss itself)
+    denominator = count if isinstance(count, Tensor) else None
+    value_loss = mse(values.to(dtype), returns.detach().to(dtype), mask, denominator)
     entropy = mean(row_entropy)
     if potentials is not None and next_potentials is not None:
         shaping = potential_shaping_reward(
