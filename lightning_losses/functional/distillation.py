@@ -121,6 +121,9 @@ class _ForwardKL(torch.autograd.Function):
     :math:`p_c > 0 = q_c` makes the row ``+inf``; a row whose ``log_softmax`` is NaN on either side (a NaN
     logit, or every logit ``-inf``) gets KL NaN and gradient 0. Gradient: :math:`\partial
     \mathrm{KL}_i/\partial z^s_c = (q_c - p_c)/T`, finite in every case, as :func:`_kl_per_row`'s.
+
+    On a CPU the blocks take :func:`_finite_block_kl` (one softmax per side, no ``log_softmax``, no NaN
+    guards) until one's result is not finite; that block and the rest take the guarded form above.
     """
 
     @staticmethod
@@ -131,16 +134,17 @@ class _ForwardKL(torch.autograd.Function):
         kl = torch.empty(rows, dtype=dtype, device=x.device)
         # (q − p) per block while both are in cache; the backward only scales it by each row's grad / T
         grad = torch.empty_like(x) if need_grad else None
+        guarded = x.device.type != "cpu"  # the finite form's check is a host read
+
+        def scaled(block: slice) -> tuple[Tensor, Tensor]:
+            return _scaled(x[block], temperature, dtype), _scaled(teacher[block], temperature, dtype)
+
         for block in row_blocks(rows, classes, x.device):
-            s, u = _scaled(x[block], temperature, dtype), _scaled(teacher[block], temperature, dtype)
-            log_q, log_p = torch.log_softmax(s, dim=-1), torch.log_softmax(u, dim=-1)
-            p = torch.softmax(u, dim=-1)  # the fused kernel: faster than exp(log_p) on a CPU
-            undefined = log_q[:, 0].isnan() | log_p[:, 0].isnan()  # the whole row is NaN then
-            log_ratio = log_p.sub_(log_q)
-            if grad is not None:
-                _write_difference(grad, block, torch.softmax(s, dim=-1), p)
-            cross = torch.nan_to_num_(p.mul_(log_ratio), nan=0.0, posinf=math.inf, neginf=-math.inf)
-            kl[block] = torch.where(undefined, math.nan, cross.sum(-1))
+            row_kl = None if guarded else _finite_block_kl(*scaled(block), grad, block)
+            if row_kl is None:
+                guarded = True  # -inf or NaN logits: likely in the next blocks too
+                row_kl = _guarded_block_kl(*scaled(block), grad, block)
+            kl[block] = row_kl
         ctx.save_for_backward(x, teacher)
         ctx.options = (temperature, dtype)
         ctx.grad = grad
@@ -167,6 +171,44 @@ class _ForwardKL(torch.autograd.Function):
 
 def _scaled(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
     return logits.to(dtype) / temperature
+
+
+def _guarded_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) -> Tensor:
+    """The KL of each row of a block of scaled student and teacher logits ``s, u``, NaN-safe (see
+    :class:`_ForwardKL`), with ``q - p`` written into ``grad[block]``."""
+    log_q, log_p = torch.log_softmax(s, dim=-1), torch.log_softmax(u, dim=-1)
+    p = torch.softmax(u, dim=-1)  # the fused kernel: faster than exp(log_p) on a CPU
+    undefined = log_q[:, 0].isnan() | log_p[:, 0].isnan()  # the whole row is NaN then
+    log_ratio = log_p.sub_(log_q)
+    if grad is not None:
+        _write_difference(grad, block, torch.softmax(s, dim=-1), p)
+    cross = torch.nan_to_num_(p.mul_(log_ratio), nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return torch.where(undefined, math.nan, cross.sum(-1))
+
+
+def _finite_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) -> Tensor | None:
+    r"""The KL of each row of a block of scaled student and teacher logits ``s, u`` (both consumed),
+    with ``q - p`` written into ``grad[block]``; None (``grad[block]`` written all the same) when the
+    result is not finite.
+
+    As :math:`\log p_c = u_c - \max u + \log \max p`,
+    :math:`\mathrm{KL} = \sum_c p_c\,[(u_c - \max u) - (s_c - \max s)] + \log(\max p / \max q)`: a
+    softmax per side and four ``amax`` in place of two ``log_softmax`` and the NaN guards. The logits
+    are centred before they are subtracted, so a student whose logits are the teacher's plus a
+    constant comes out as exactly as by ``log_softmax``. Exact wherever every term is finite; a
+    ruled-out class (``0 · (-inf)``), a NaN or an overflow makes its row NaN or inf instead."""
+    q_in_grad = grad is not None and grad.dtype == s.dtype
+    q = torch.softmax(s, dim=-1, out=grad[block]) if q_in_grad else torch.softmax(s, dim=-1)
+    p = torch.softmax(u, dim=-1)
+    log_max_ratio = p.amax(-1).div_(q.amax(-1)).log_()
+    if q_in_grad:
+        q.sub_(p)
+    elif grad is not None:
+        grad[block] = q.sub_(p)
+    centred_s = s.sub_(s.amax(-1, keepdim=True))
+    shifted_log_ratio = u.sub_(u.amax(-1, keepdim=True)).sub_(centred_s)
+    row_kl = shifted_log_ratio.mul_(p).sum(-1).add_(log_max_ratio)
+    return row_kl if math.isfinite(float(row_kl.sum())) else None
 
 
 def _write_difference(grad: Tensor, block: slice, q: Tensor, p: Tensor) -> None:
