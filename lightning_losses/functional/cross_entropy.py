@@ -40,6 +40,7 @@ __all__ = [
     "per_row_cross_entropy",
     "row_argmax",
     "row_blocks",
+    "row_dot",
     "target_is_argmax",
     "target_zeroed_softmax",
     "valid_mask",
@@ -81,6 +82,36 @@ def row_blocks(num_rows: int, num_columns: int, device: torch.device) -> list[sl
         return [slice(0, num_rows)]
     step = max(1, BLOCK_ELEMENTS // max(1, num_columns))
     return [slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
+
+
+BMM_MAX_COLUMNS = 256
+""":func:`row_dot` takes a batched matrix product up to this many columns. On the project's CPU ``bmm``'s
+per-row dot products took 0.6-0.8x the time of a product and a sum from 8 to 256 columns (at 1M
+elements), but 4x at 512 and 1000 columns and 11x at [32, 32768]."""
+
+
+def row_dot(a: Tensor, b: Tensor, *, overwrite: bool = False) -> Tensor:
+    """``(a * b).sum(-1)`` of two ``[R, C]`` tensors with no temporary larger than a block of rows: by
+    ``bmm`` up to :data:`BMM_MAX_COLUMNS` columns and off the CPU; else by the product and the sum,
+    written into ``a`` when ``overwrite``, or a block of rows (:func:`row_blocks`) at a time. Under
+    ``torch.compile``: the plain product and sum, which the compiler fuses.
+
+    >>> row_dot(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 1.0], [0.0, 2.0]]))
+    tensor([3., 8.])
+    """
+    if not fused_path():
+        return (a * b).sum(-1)
+    if a.shape[-1] <= BMM_MAX_COLUMNS or a.device.type != "cpu":
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    if overwrite:
+        return a.mul_(b).sum(-1)
+    blocks = row_blocks(*a.shape, a.device)
+    if len(blocks) == 1:  # a temporary of at most one block's size
+        return (a * b).sum(-1)
+    out = a.new_empty(a.shape[0])
+    for block in blocks:
+        torch.sum(a[block] * b[block], -1, out=out[block])
+    return out
 
 
 def row_argmax(x: Tensor) -> Tensor:

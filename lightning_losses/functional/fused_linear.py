@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_losses.functional.cross_entropy import valid_mask
+from lightning_losses.functional.cross_entropy import row_dot, valid_mask
 from lightning_losses.functional.distillation import Direction, DistillationTerms, check_distillation_options
 from lightning_losses.protocol import (
     check_class_targets,
@@ -106,11 +106,6 @@ def _cross_entropy_chunk(
     return loss, probs
 
 
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum(1)`` of ``[c, V]`` tensors without a ``[c, V]`` temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
 def _distillation_chunk(
     logits: Tensor,
     teacher_logits: Tensor,
@@ -142,13 +137,13 @@ def _distillation_chunk(
     if direction == "forward":  # Σ p (log p − log q);  ∂D/∂(z/T) = q − p
         p = torch.exp(teacher_logits)
         diff = teacher_logits.sub_(log_q).masked_fill_(p == 0, 0.0)  # 0·log 0 = 0 where p = 0
-        per_row = _row_dot(diff, p)
+        per_row = row_dot(diff, p, overwrite=True)
         del diff
         grad = q.sub_(p) if need_grad else None
         del p
     elif direction == "reverse":  # Σ q (log q − log p);  ∂D/∂(z/T) = q ⊙ (log q − log p − D)
         diff = teacher_logits.neg_().add_(log_q).masked_fill_(q_zero, 0.0)
-        per_row = _row_dot(diff, q)
+        per_row = row_dot(diff, q)
         grad = diff.sub_(per_row.unsqueeze(1)).mul_(q).masked_fill_(q_zero, 0.0) if need_grad else None
     else:  # β KL(P‖M) + (1−β) KL(Q‖M);  ∂D/∂(z/T) = (1−β) q ⊙ (g − Σ q g),  g = log q − log M
         p = torch.exp(teacher_logits)
@@ -158,10 +153,10 @@ def _distillation_chunk(
         torch.logaddexp(shifted_p, log_m, out=log_m)
         # KL(P‖M) = Σ p (log βp − log M) − log β Σ p
         diff = shifted_p.sub_(log_m).masked_fill_(p == 0, 0.0)
-        kl_pm = _row_dot(diff, p) - log_beta * p.sum(1)
+        kl_pm = row_dot(diff, p, overwrite=True) - log_beta * p.sum(1)
         del diff, p
         g = log_m.neg_().add_(log_q).masked_fill_(q_zero, 0.0)  # log q − log M, in log M's buffer
-        kl_qm = _row_dot(g, q)
+        kl_qm = row_dot(g, q)
         per_row = beta * kl_pm + (1.0 - beta) * kl_qm
         grad = g.sub_(kl_qm.unsqueeze(1)).mul_(q).mul_(1.0 - beta) if need_grad else None
     del q, q_zero

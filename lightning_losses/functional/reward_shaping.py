@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_losses.functional.cross_entropy import row_dot
 from lightning_losses.functional.regression import mse
 from lightning_losses.protocol import (
     check_class_targets,
@@ -178,7 +179,7 @@ class _TakenLogProbAndEntropy(torch.autograd.Function):
         taken = log_p.gather(-1, actions[:, None]).squeeze(-1)
         p = log_p.exp()
         log_p.clamp_min_(_LOG_PROB_FLOOR)
-        entropy = -torch.bmm(p[:, None], log_p[:, :, None]).view(-1)  # per-row dot, no [N, A] product
+        entropy = row_dot(p, log_p).neg_()
         ctx.save_for_backward(p, log_p, entropy, actions)
         ctx.set_materialize_grads(False)
         return taken, entropy

@@ -294,3 +294,18 @@ def test_targets_known_in_range_take_the_same_values_as_unchecked_ones(options, 
     counted = target != options.get("ignore_index", -100)
     hits = (logits.argmax(-1) == target) & counted
     torch.testing.assert_close(results[0][1], (hits.sum() / counted.sum()).double())
+
+
+@pytest.mark.parametrize("columns", [7, 300], ids=["bmm", "wide"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_row_dot_equals_the_float64_product_sum(columns, overwrite, computation_path):
+    """Narrow rows by bmm, wide ones by the product: in place into ``a`` with ``overwrite``, else a block
+    of rows at a time (several blocks on the fused path here), never changing ``b``."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(2, 9, columns, generator=g)
+    expected = (a.double() * b.double()).sum(-1)
+    before_a, before_b = a.clone(), b.clone()
+    got = CROSS_ENTROPY_MODULE.row_dot(a, b, overwrite=overwrite)
+    torch.testing.assert_close(got, expected.float())
+    assert torch.equal(b, before_b)
+    assert torch.equal(a, before_a) or (overwrite and columns > CROSS_ENTROPY_MODULE.BMM_MAX_COLUMNS)

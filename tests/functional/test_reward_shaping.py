@@ -311,11 +311,13 @@ def cast(batch, dtype):
     }
 
 
+@pytest.mark.parametrize("num_actions", [3, 300], ids=["bmm-entropy", "wide"])
 @pytest.mark.parametrize("term", ["policy_loss", "entropy"])
-def test_each_term_alone_has_the_gradient_of_its_formula(term):
+def test_each_term_alone_has_the_gradient_of_its_formula(term, num_actions):
     """The policy and entropy terms share one function with a hand-written backward: each differentiated
-    alone (the other output gets no gradient) against autograd over the plain formula."""
-    batch = cast(make_batch(), torch.float64)
+    alone (the other output gets no gradient) against autograd over the plain formula; few actions (the
+    entropy's row dot by bmm) and many."""
+    batch = cast(make_batch(num_actions=num_actions), torch.float64)
     batch["mask"] = None
     logits = batch["policy_logits"].requires_grad_()
     terms = reward_shaping_terms(**batch)
