@@ -251,9 +251,10 @@ def kl_divergence(
       :math:`\beta = 0.5` is the symmetric Jensen–Shannon divergence, bounded by :math:`\log 2`;
       swapping teacher and student is the same as replacing :math:`\beta` by :math:`1 - \beta`.
 
-    Everything is computed from ``log_softmax`` in log space (``log M`` by ``logaddexp``, a two-term
-    logsumexp), so confident logits give exact, finite values. ``-inf`` logits (classes ruled out,
-    e.g. a padded vocabulary) are exact too, with NaN-free gradients even in masked-out rows:
+    Everything is computed in log space, from ``log_softmax`` (``log M`` by ``logaddexp``, a two-term
+    logsumexp) or, for finite forward KL on a CPU, from logits centred on their row maximum (``log p``
+    up to a constant per row), so confident logits give exact, finite values. ``-inf`` logits (classes
+    ruled out, e.g. a padded vocabulary) are exact too, with NaN-free gradients even in masked-out rows:
 
     - a class with zero probability under the first argument of a KL contributes ``0·log 0 = 0``;
     - a class with mass under the first argument but none under the second makes the KL ``+inf``, its
