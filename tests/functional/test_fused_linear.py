@@ -320,8 +320,9 @@ def test_distillation_matches_unfused(dtype, case):
         assert_close_rel(a, e, RTOL[dtype], msg=f"{name} {case}")
 
 
-def test_distillation_equals_kl_divergence_without_target():
-    h, w, _, ht, wt, _, _, mask = make_distillation_inputs(torch.float64, 8)
+@pytest.mark.parametrize("vocab", [17, 300], ids=["bmm-row-dots", "wide"])
+def test_distillation_equals_kl_divergence_without_target(vocab):
+    h, w, _, ht, wt, _, _, mask = make_distillation_inputs(torch.float64, 8, vocab=vocab)
     for direction in ("forward", "reverse", "jsd"):
         fused = fused_linear_distillation(
             h, w, ht, wt, mask=mask, temperature=1.5, direction=direction, beta=0.7
