@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_losses.functional.cross_entropy import row_dot, valid_mask
+from lightning_losses.functional.cross_entropy import row_blocks, row_dot, valid_mask
 from lightning_losses.functional.distillation import Direction, DistillationTerms, check_distillation_options
 from lightning_losses.protocol import (
     check_class_targets,
@@ -120,7 +120,6 @@ def _distillation_chunk(
     r"""``[total, T²·Σ w D, Σ w CE]`` of the rows and ∂total/∂logits, in log space (see
     :func:`fused_linear_distillation`). ``logits`` and ``teacher_logits`` are overwritten; at most five
     ``[c, V]`` tensors are alive at once (JSD; forward KL four, reverse KL three)."""
-    zero = logits.new_zeros(())
     inv_t = 1.0 / temperature
     picked = lse_1 = None
     if target is not None:
@@ -161,16 +160,11 @@ def _distillation_chunk(
         grad = g.sub_(kl_qm.unsqueeze(1)).mul_(q).mul_(1.0 - beta) if need_grad else None
     del q, q_zero
     kd_scale = temperature**2 * ((1.0 - alpha) if target is not None else 1.0)
-    kd_sum = torch.where(weights != 0, per_row * weights, zero).sum() * temperature**2
-    if target is None:
-        ce_sum = zero
-        total = kd_sum
-    else:
+    ce_row = None
+    if target is not None:
         log_z = temperature * lse_u if lse_1 is None else lse_1  # logsumexp of the unsoftened logits
         ce_row = log_z - picked
-        ce_sum = torch.where(weights != 0, ce_row * weights, zero).sum()
-        total = alpha * ce_sum + (1.0 - alpha) * kd_sum
-    sums = torch.stack([total, kd_sum, ce_sum])
+    sums = _distillation_sums(per_row, ce_row, weights, temperature, alpha)
     if grad is None:
         return sums, None
     grad.mul_((kd_scale * inv_t) * weights.unsqueeze(1))  # ∂(T²·D)/∂z = T·∂D/∂(z/T)
@@ -185,6 +179,83 @@ def _distillation_chunk(
     return sums, grad
 
 
+def _finite_forward_kl_chunk(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor | None,
+    weights: Tensor,
+    temperature: float,
+    direction: str,
+    beta: float,
+    alpha: float,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None] | None:
+    r""":func:`_distillation_chunk` for forward KL in the finite form of
+    :func:`~lightning_losses.functional.distillation.kl_divergence` on a CPU, a block of rows at a time
+    (:func:`row_blocks`, in cache): with :math:`s = z/T`, :math:`u = z^t/T`, :math:`\mathrm{KL} = \sum_c p_c
+    [(u_c - \max u) - (s_c - \max s)] + \log(\max p / \max q)`, one softmax per side, no ``log_softmax``
+    and no NaN guards; :math:`\operatorname{lse}(z) = \max s - \log \max q` at :math:`T = 1`. Exact
+    where every term is finite; returns None when a row's KL is not (``-inf`` or NaN logits, an
+    overflow), having consumed both buffers: the caller recomputes them for :func:`_distillation_chunk`.
+    Three ``[c, V]`` tensors (the two logits and the gradient) and a block of ``p``."""
+    rows, vocab = logits.shape
+    inv_t = 1.0 / temperature
+    with_ce = target is not None
+    ce_grad = with_ce and alpha != 0.0 and need_grad
+    picked = logits.gather(1, target.unsqueeze(1)).squeeze(1) if with_ce else None
+    kd_coef = (temperature**2 * ((1.0 - alpha) if with_ce else 1.0) * inv_t) * weights  # of q − p in ∂/∂z
+    q_coef = kd_coef + alpha * weights if ce_grad and temperature == 1.0 else kd_coef  # softmax(z) = q
+    grad = torch.empty_like(logits) if need_grad else None
+    per_row = logits.new_empty(rows)
+    lse_z = logits.new_empty(rows) if with_ce else None
+    p_buffer = None
+    for block in row_blocks(rows, vocab, logits.device):
+        s, u = logits[block], teacher_logits[block]
+        if temperature != 1.0:
+            s.mul_(inv_t)
+            u.mul_(inv_t)
+        q = torch.softmax(s, 1) if grad is None else torch.softmax(s, 1, out=grad[block])
+        if p_buffer is None:
+            p_buffer = torch.empty_like(s)
+        p = torch.softmax(u, 1, out=p_buffer[: s.shape[0]])
+        q_max = q.amax(1)
+        log_max_ratio = p.amax(1).div_(q_max).log_()
+        s_max = s.amax(1, keepdim=True)
+        centred = s.sub_(s_max)
+        shifted_log_ratio = u.sub_(u.amax(1, keepdim=True)).sub_(centred)
+        per_row[block] = row_dot(shifted_log_ratio, p, overwrite=True).add_(log_max_ratio)
+        if grad is not None:
+            q.mul_(q_coef[block, None]).addcmul_(p, kd_coef[block, None], value=-1.0)
+        if not with_ce:
+            continue
+        if temperature == 1.0:
+            lse_z[block] = s_max.squeeze(1) - q_max.log_()
+        else:  # softmax(z) = exp(T·(s − max s)) / Σ, in s's buffer
+            exp_z = centred.mul_(temperature).exp_()
+            total = exp_z.sum(1)
+            lse_z[block] = temperature * s_max.squeeze(1) + total.log()
+            if ce_grad:
+                q.add_(exp_z.mul_((alpha * weights[block] / total).unsqueeze(1)))
+    if not math.isfinite(float(per_row.sum())):
+        return None
+    sums = _distillation_sums(per_row, None if lse_z is None else lse_z - picked, weights, temperature, alpha)
+    if ce_grad:
+        grad.scatter_add_(1, target.unsqueeze(1), -(alpha * weights).unsqueeze(1))
+    return sums, grad
+
+
+def _distillation_sums(
+    per_row: Tensor, ce_row: Tensor | None, weights: Tensor, temperature: float, alpha: float
+) -> Tensor:
+    """``[total, T²·Σ w D, Σ w CE]`` of a chunk's rows (rows of weight 0 left out, whatever their values)."""
+    zero = per_row.new_zeros(())
+    kd_sum = torch.where(weights != 0, per_row * weights, zero).sum() * temperature**2
+    if ce_row is None:
+        return torch.stack([kd_sum, kd_sum, zero])
+    ce_sum = torch.where(weights != 0, ce_row * weights, zero).sum()
+    return torch.stack([alpha * ce_sum + (1.0 - alpha) * kd_sum, kd_sum, ce_sum])
+
+
 @functools.cache
 def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn)
@@ -196,7 +267,10 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class _FusedLinearLoss(torch.autograd.Function):
-    """``sums = Σ_chunks chunk_fn(hidden[c] @ weight.T + bias, ...)``; only ``sums[0]`` is differentiable."""
+    """``sums = Σ_chunks chunk_fn(hidden[c] @ weight.T + bias, ...)``; only ``sums[0]`` is differentiable.
+
+    A ``chunk_fn`` that returns None (a fast form that found a non-finite value) hands that chunk, with its
+    logits computed again, and every later one to ``fallback_fn``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -206,7 +280,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         bias: Tensor | None,
         teacher: tuple[Tensor, Tensor, Tensor | None] | None,
         rows: tuple[Tensor | None, ...],
-        chunk_fn: Callable[..., tuple[Tensor, Tensor | None]],
+        chunk_fn: Callable[..., tuple[Tensor, Tensor | None] | None],
+        fallback_fn: Callable[..., tuple[Tensor, Tensor | None]] | None,
         options: tuple[Any, ...],
         chunk_size: int,
         dtype: torch.dtype,
@@ -227,17 +302,21 @@ class _FusedLinearLoss(torch.autograd.Function):
         if teacher is not None:
             t_hidden, t_weight, t_bias = (None if t is None else t.to(dtype) for t in teacher)
             t_buffer = torch.empty_like(buffer)
+
+        def chunk_args(start: int, stop: int) -> list[Any]:
+            args = [_linear_into(buffer[: stop - start], h_all[start:stop], w_all, b_all)]
+            if teacher is not None:
+                args.append(_linear_into(t_buffer[: stop - start], t_hidden[start:stop], t_weight, t_bias))
+            return args + [None if r is None else r[start:stop] for r in rows]
+
         for start in range(0, num_rows, rows_per_chunk):
             stop = min(start + rows_per_chunk, num_rows)
             h = h_all[start:stop]
-            logits = _linear_into(buffer[: stop - start], h, w_all, b_all)
-            chunk_args: list[Any] = [logits]
-            if teacher is not None:
-                chunk_args.append(
-                    _linear_into(t_buffer[: stop - start], t_hidden[start:stop], t_weight, t_bias)
-                )
-            chunk_args += [None if r is None else r[start:stop] for r in rows]
-            chunk_sums, grad = chunk_fn(*chunk_args, *options, need_grad)
+            result = chunk_fn(*chunk_args(start, stop), *options, need_grad)
+            if result is None:  # a fast form's value was not finite: the guarded form from here on
+                chunk_fn = fallback_fn
+                result = chunk_fn(*chunk_args(start, stop), *options, need_grad)
+            chunk_sums, grad = result
             sums += chunk_sums
             if grad is None:
                 continue
@@ -261,7 +340,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             None if g is None else (g * grad_total).to(dt)
             for g, dt in zip(ctx.grads, ctx.dtypes, strict=True)
         )
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def _linear_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -322,14 +401,16 @@ def _run(
     bias: Tensor | None,
     teacher: tuple[Tensor, Tensor, Tensor | None] | None,
     rows: tuple[Tensor | None, ...],
-    chunk_fn: Callable[..., tuple[Tensor, Tensor | None]],
+    chunk_fn: Callable[..., tuple[Tensor, Tensor | None] | None],
     options: tuple[Any, ...],
     chunk_size: int | None,
     dtype: torch.dtype,
     num_sums: int,
     compile: bool,
+    fallback_fn: Callable[..., tuple[Tensor, Tensor | None]] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(total, extras)``: the differentiable 0-dim sum and the other sums (metrics, no gradient)."""
+    """``(total, extras)``: the differentiable 0-dim sum and the other sums (metrics, no gradient).
+    ``chunk_fn`` may be a fast form that returns None where ``fallback_fn`` must take over."""
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and hidden.requires_grad,
@@ -346,10 +427,12 @@ def _run(
             None if t_bias is None else t_bias.detach(),
         )
     chunk = default_chunk_size(weight.shape[0]) if chunk_size is None else chunk_size
-    fn = _compiled(chunk_fn) if compile else chunk_fn
+    if compile:  # the guarded form only: a fast form's finiteness check is a host read, a graph break
+        chunk_fn, fallback_fn = _compiled(fallback_fn or chunk_fn), None
     return _FusedLinearLoss.apply(
-        flat_hidden, weight, bias, teacher, flat_rows, fn, options, chunk, dtype, needs, num_sums
-    )
+        flat_hidden, weight, bias, teacher, flat_rows, chunk_fn, fallback_fn, options, chunk, dtype, needs,
+        num_sums,
+    )  # fmt: skip
 
 
 def fused_linear_cross_entropy(
@@ -450,7 +533,9 @@ def fused_linear_distillation(
     ``kl_divergence``, but its gradient is then not defined here (may be NaN).
 
     The gradients into the student's hidden states, weight and bias are computed in the forward pass
-    (see the module docstring); teacher inputs get none (they are detached).
+    (see the module docstring); teacher inputs get none (they are detached). On a CPU, forward KL takes
+    ``kl_divergence``'s finite form (one softmax per side, a block of rows at a time) until a chunk holds
+    a non-finite value (e.g. ``-inf`` logits); that chunk and the rest take the guarded log-space form.
 
     Args:
         student_hidden: ``[N, H]`` or ``[B, T, H]``.
@@ -507,10 +592,13 @@ def fused_linear_distillation(
     else:
         valid = valid_mask(target, mask, ignore_index, dtype)
         safe_target = torch.where(valid != 0, target, torch.zeros_like(target))
+    # the finite form's check is a host read: a CPU's only
+    finite_form = direction == "forward" and student_hidden.device.type == "cpu"
     total, extras = _run(
         student_hidden, student_weight, student_bias, (teacher_hidden, teacher_weight, teacher_bias),
-        (safe_target, valid), _distillation_chunk,
+        (safe_target, valid), _finite_forward_kl_chunk if finite_form else _distillation_chunk,
         (float(temperature), direction, float(beta), float(alpha)), chunk_size, dtype, 3, compile,
+        _distillation_chunk if finite_form else None,
     )  # fmt: skip
     count = valid.sum() if global_valid_toks is None else global_valid_toks
     loss = divide_by_count(total, count)

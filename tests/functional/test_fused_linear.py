@@ -6,6 +6,7 @@ unfused sum the same terms in a different order, so a near-zero entry of a gradi
 rounding of its large neighbours.
 """
 
+import importlib
 import math
 
 import pytest
@@ -289,6 +290,8 @@ def make_distillation_inputs(dtype, seed, rows=(29,), vocab=17):
 DISTILL_CASES = [
     {"direction": "forward", "temperature": 1.0, "target": False},
     {"direction": "forward", "temperature": 2.0, "target": True, "alpha": 0.3},
+    {"direction": "forward", "temperature": 1.0, "target": True, "alpha": 0.6},  # softmax(z) = q
+    {"direction": "forward", "temperature": 0.5, "target": True, "alpha": 0.0, "global": 33.0},
     {"direction": "reverse", "temperature": 1.0, "target": True, "alpha": 0.5},
     {"direction": "reverse", "temperature": 3.0, "target": False},
     {"direction": "jsd", "temperature": 1.0, "target": True, "beta": 0.2, "alpha": 0.0},
@@ -393,6 +396,63 @@ def test_forward_kl_is_infinite_where_only_the_student_rules_a_class_out():
     fused = fused_linear_distillation(h, w, ht, wt, student_bias=b, teacher_bias=bt)
     unfused = kl_divergence(F.linear(h, w, b), F.linear(ht, wt, bt))
     assert fused.loss.item() == unfused.item() == math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_forward_kl_chunks_take_the_finite_form_until_one_is_not_finite(dtype, monkeypatch):
+    """Chunks of 4 rows: the finite form runs until chunk 2, whose row 9 has teacher logits ±0.9·max
+    (their difference overflows there, not in log_softmax); that chunk, its logits computed again, and
+    every later one take the guarded form. Value, terms and gradients equal the unfused path's."""
+    fused_linear = importlib.import_module("lightning_losses.functional.fused_linear")
+    calls = []
+
+    def spy(form):
+        original = getattr(fused_linear, form)
+
+        def called(*args):
+            calls.append(form)
+            return original(*args)
+
+        return called
+
+    for form in ("_finite_forward_kl_chunk", "_distillation_chunk"):
+        monkeypatch.setattr(fused_linear, form, spy(form))
+    h, w, b, ht, wt, bt, target, mask = make_distillation_inputs(dtype, 14)
+    huge = 0.9 * torch.finfo(dtype).max
+    with torch.no_grad():
+        ht[9], wt[:, 0], bt[:2] = 0.0, 0.0, 0.0
+        ht[9, 0], wt[0, 0], wt[1, 0] = huge, 1.0, -1.0
+    target[9], mask[9] = 0, True
+    options = {"temperature": 1.0, "alpha": 0.4}
+    fused_terms = fused_linear_distillation(
+        h, w, ht, wt, target, mask, student_bias=b, teacher_bias=bt, chunk_size=4, **options
+    )
+    assert calls == ["_finite_forward_kl_chunk"] * 3 + ["_distillation_chunk"] * 6
+    unfused_terms = distillation_loss(F.linear(h, w, b), F.linear(ht, wt, bt), target, mask, **options)
+    assert_close_rel(fused_terms.kl_loss, unfused_terms.kl_loss, RTOL[dtype])
+    assert_close_rel(fused_terms.task_loss, unfused_terms.task_loss, RTOL[dtype])
+    fused = value_and_grads(lambda: fused_terms.loss, [h, w, b])
+    unfused = value_and_grads(lambda: unfused_terms.loss, [h, w, b])
+    for name, a, e in zip(["loss", "hidden", "weight", "bias"], fused, unfused, strict=True):
+        assert torch.isfinite(a).all(), name
+        assert_close_rel(a, e, RTOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_forward_kl_is_exact_for_a_nearby_or_shifted_student(offset):
+    """The student's head is the teacher's (bias + offset: the same distribution) plus noise: the
+    finite form's centred logits keep the fp32 KL within ~7e-9 of an fp64 reference."""
+    g = torch.Generator().manual_seed(15)
+    ht, wt, bt = torch.randn(256, 32, generator=g), torch.randn(1000, 32, generator=g), torch.randn(1000)
+    h = ht + 1e-4 * torch.randn(256, 32, generator=g)
+    fused = fused_linear_distillation(
+        h, wt, ht, wt, student_bias=bt + offset, teacher_bias=bt, temperature=1.0
+    )
+    log_p = F.linear(ht.double(), wt.double(), bt.double()).log_softmax(-1)
+    log_q = F.linear(h.double(), wt.double(), bt.double()).log_softmax(-1)
+    exact = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    assert 0 < exact < 1e-5
+    assert abs(fused.kl_loss.double() - exact) < 1.5e-8  # uncentred: 3.4e-8 at offset 100
 
 
 def test_teacher_gets_no_gradient():
