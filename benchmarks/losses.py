@@ -14,7 +14,10 @@ Pairs, each on the same inputs in the same run (the library's ``nn.Module``, met
 - ``focal_sigmoid``: ``FocalLoss(mode="multilabel", alpha=0.25)`` vs torchvision's ``sigmoid_focal_loss``
   formula written out (:func:`~benchmarks.references.sigmoid_focal`);
 - ``kl_divergence``: ``KLDivergenceLoss`` (no targets: :math:`T^2` KL) vs ``F.kl_div(log_softmax(s/T),
-  log_softmax(t/T), log_target=True)`` and vs the guide's ``KLDivergenceLoss``;
+  log_softmax(t/T), log_target=True)`` and vs the guide's ``KLDivergenceLoss``; ``kl_reverse`` /
+  ``jsd``: ``KLDivergenceLoss(direction="reverse")`` / ``(direction="jsd", beta=0.5)`` vs the same
+  ``F.kl_div`` with the arguments swapped / the log-space generalized JSD GKD trainers write
+  (:func:`~benchmarks.references.jsd_composition`);
 - ``contrastive`` / ``supcon`` / ``infonce``: ``ContrastiveLoss`` / ``SupConLoss`` / ``InfoNCELoss`` vs
   pytorch-metric-learning's ``ContrastiveLoss`` / ``SupConLoss`` / ``NTXentLoss`` (and the guide's
   ``ContrastiveLoss``; SimCLR's usual ``F.cross_entropy`` form for InfoNCE), embeddings of dim 128;
@@ -106,6 +109,8 @@ LOSSES = (
     "focal_multiclass",
     "focal_sigmoid",
     "kl_divergence",
+    "kl_reverse",
+    "jsd",
     "contrastive",
     "supcon",
     "infonce",
@@ -253,6 +258,27 @@ def _logit_cases(loss: str, sizes: Sequence[tuple[int, int]], device: str) -> li
                     compilable=False,
                 ),
             ]
+        elif loss in ("kl_reverse", "jsd"):
+            direction = "reverse" if loss == "kl_reverse" else "jsd"
+            kl = KLDivergenceLoss(temperature=4.0, direction=direction)
+            ours = lambda x, kl=kl: kl(x["logits"], x["teacher_logits"]).loss  # noqa: E731
+
+            def functional(x: Inputs, direction: str = direction) -> Tensor:
+                return distillation_loss(
+                    x["logits"], x["teacher_logits"], temperature=4.0, direction=direction
+                ).loss
+
+            note = (
+                f"ours: fused {'reverse KL' if loss == 'kl_reverse' else 'JSD'} per block of rows (CPU), the "
+                "gradient written in the forward pass (one [N, V] tensor)"
+            )
+            refs = [
+                Reference("F.kl_div composition", lambda x: ref.reverse_kl_composition(
+                    x["logits"], x["teacher_logits"], 4.0), True, note=note)
+                if loss == "kl_reverse"
+                else Reference("log-space JSD (GKD form)", lambda x: ref.jsd_composition(
+                    x["logits"], x["teacher_logits"], 4.0, 0.5), True, note=note)
+            ]  # fmt: skip
         else:
             raise ValueError(f"not a logit loss: {loss!r}")
         if n * c < HOST_BOUND_ELEMENTS:
@@ -741,6 +767,8 @@ def build_cases(names: Sequence[str], *, quick: bool, device: str) -> list[Case]
         "focal_multiclass": [(4096, 32768), (8192, 1000), (256, 1000), (64, 10)],
         "focal_sigmoid": [(65536, 80), (8192, 1000), (256, 1000), (64, 10)],
         "kl_divergence": [(4096, 32768), (8192, 1000), (256, 1000), (64, 10)],
+        "kl_reverse": [(1024, 32768), (8192, 1000), (256, 1000), (64, 10)],
+        "jsd": [(1024, 32768), (8192, 1000), (256, 1000), (64, 10)],
     }
     batches = {"contrastive": [256, 1024, 4096], "supcon": [256, 1024, 4096], "infonce": [128, 512, 2048]}
     # [B, T, V]: 4096 scored tokens of a 32k and an 8k vocabulary (an LLM's micro-batch), and a small one

@@ -8,6 +8,8 @@ True
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,6 +20,7 @@ __all__ = [
     "dpo",
     "hand_written_multi_task",
     "info_nce_cross_entropy",
+    "jsd_composition",
     "kl_div_composition",
     "masked_mse",
     "pml_available",
@@ -25,6 +28,7 @@ __all__ = [
     "pml_ntxent",
     "pml_supcon",
     "ppo_clip",
+    "reverse_kl_composition",
     "sft_cross_entropy",
     "sigmoid_focal",
     "softmax_focal",
@@ -70,6 +74,29 @@ def kl_div_composition(logits: Tensor, teacher_logits: Tensor, temperature: floa
         )
         * temperature**2
     )
+
+
+def reverse_kl_composition(logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    r""":math:`T^2\,\mathrm{KL}(\mathrm{softmax}(s/T)\,\|\,\mathrm{softmax}(t/T))`, mean over rows: the
+    arguments of :func:`kl_div_composition` swapped (``F.kl_div(input, target)`` is KL(target ‖ input))."""
+    return kl_div_composition(teacher_logits, logits, temperature)
+
+
+def jsd_composition(logits: Tensor, teacher_logits: Tensor, temperature: float, beta: float) -> Tensor:
+    r""":math:`T^2` times the generalized JSD :math:`\beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M)`,
+    :math:`M = \beta P + (1-\beta) Q` (P the teacher), mean over rows, in log space as GKD trainers write
+    it: ``log M`` as the ``logsumexp`` of the two stacked, shifted ``log_softmax``, each KL by ``F.kl_div``.
+
+    >>> zeros = torch.zeros(1, 3)
+    >>> jsd_composition(zeros, zeros, 1.0, 0.5)  # equal distributions
+    tensor(0.)
+    """
+    log_q = F.log_softmax(logits / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits / temperature, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+    kl_p = F.kl_div(log_m, log_p, log_target=True, reduction="batchmean")
+    kl_q = F.kl_div(log_m, log_q, log_target=True, reduction="batchmean")
+    return (beta * kl_p + (1 - beta) * kl_q) * temperature**2
 
 
 def masked_mse(preds: Tensor, target: Tensor, mask: Tensor) -> Tensor:

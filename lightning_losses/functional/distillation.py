@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal, NamedTuple
 
@@ -14,6 +15,7 @@ from lightning_losses.functional.cross_entropy import (
     cross_entropy,
     fused_path,
     row_blocks,
+    row_dot,
     valid_mask,
 )
 from lightning_losses.protocol import check_floating, check_mask, check_ndim, check_same_shape, compute_dtype
@@ -108,65 +110,85 @@ def _divergence_per_row(log_teacher: Tensor, log_student: Tensor, direction: str
     return beta * _kl_per_row(log_teacher, log_mixture) + (1.0 - beta) * _kl_per_row(log_student, log_mixture)
 
 
-class _ForwardKL(torch.autograd.Function):
-    r"""Per-row forward KL of ``x [R, C]`` (student logits) from ``teacher [R, C]`` (a constant), both
+class _FusedDivergence(torch.autograd.Function):
+    r"""Per-row divergence of ``x [R, C]`` (student logits) from ``teacher [R, C]`` (a constant), both
     divided by :math:`T` and computed in ``dtype``, a block of rows at a time; of ``[R, C]`` size only the
     gradient is made and kept (when ``need_grad``), written in the forward pass while each block is in
     cache, so the backward scales it in place by each row's incoming gradient (a second backward, with
     ``retain_graph``, recomputes it).
 
-    With :math:`p = \mathrm{softmax}(z^t/T)`, :math:`q = \mathrm{softmax}(z^s/T)` (PyTorch's fused
-    ``softmax`` and ``log_softmax`` kernels): :math:`\mathrm{KL}_i = \sum_c p_c (\log p_c - \log q_c)`.
-    A class with :math:`p_c = 0` contributes 0 (its NaN product ``0 · (-inf)`` is zeroed), one with
-    :math:`p_c > 0 = q_c` makes the row ``+inf``; a row whose ``log_softmax`` is NaN on either side (a NaN
-    logit, or every logit ``-inf``) gets KL NaN and gradient 0. Gradient: :math:`\partial
-    \mathrm{KL}_i/\partial z^s_c = (q_c - p_c)/T`, finite in every case, as :func:`_kl_per_row`'s.
-
-    On a CPU the blocks take :func:`_finite_block_kl` (one softmax per side, no ``log_softmax``, no NaN
-    guards) until one's result is not finite; that block and the rest take the guarded form above.
+    Each block takes a finite form (one softmax per side, logits centred on their row maximum, no NaN
+    guards, exact wherever every term is finite) until one's result is not finite (``-inf`` or NaN
+    logits, an overflow); that block and the rest take the guarded form. Forward KL (any device; off
+    the CPU only the guarded form, the finite form's check being a host read): :func:`_finite_block_kl`,
+    then :func:`_guarded_block_kl`. Reverse KL and JSD (CPU): :func:`_finite_block_reverse_kl` /
+    :func:`_finite_block_jsd`, then :func:`_plain_block_divergence` (:func:`_divergence_per_row`, its
+    gradient by autograd), so a guarded block equals the plain path in value and gradient.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, teacher: Tensor, temperature: float, dtype: torch.dtype, need_grad: bool
+        ctx: Any,
+        x: Tensor,
+        teacher: Tensor,
+        temperature: float,
+        dtype: torch.dtype,
+        need_grad: bool,
+        direction: str,
+        beta: float,
     ) -> Tensor:
-        rows, classes = x.shape
-        kl = torch.empty(rows, dtype=dtype, device=x.device)
-        # (q − p) per block while both are in cache; the backward only scales it by each row's grad / T
+        # the gradient ∂D/∂(x/T) per block while it is in cache; the backward only scales it by grad / T
         grad = torch.empty_like(x) if need_grad else None
-        guarded = x.device.type != "cpu"  # the finite form's check is a host read
-
-        def scaled(block: slice) -> tuple[Tensor, Tensor]:
-            return _scaled(x[block], temperature, dtype), _scaled(teacher[block], temperature, dtype)
-
-        for block in row_blocks(rows, classes, x.device):
-            row_kl = None if guarded else _finite_block_kl(*scaled(block), grad, block)
-            if row_kl is None:
-                guarded = True  # -inf or NaN logits: likely in the next blocks too
-                row_kl = _guarded_block_kl(*scaled(block), grad, block)
-            kl[block] = row_kl
+        kl = _divergence_blocks(x, teacher, temperature, dtype, direction, beta, grad)
         ctx.save_for_backward(x, teacher)
-        ctx.options = (temperature, dtype)
+        ctx.options = (temperature, dtype, direction, beta)
         ctx.grad = grad
         return kl
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, None, None, None, None]:
-        temperature, dtype = ctx.options
+    def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
+        temperature, dtype, direction, beta = ctx.options
         scale = (grad_kl / temperature)[:, None]
         grad, ctx.grad = ctx.grad, None
-        if grad is not None:  # the forward's, scaled in place: it is handed out once
-            return grad.mul_(scale.to(grad.dtype)), None, None, None, None
-        # a second backward through the graph (retain_graph=True): recomputed block by block
-        x, teacher = ctx.saved_tensors
-        grad = torch.empty_like(x)
-        for block in row_blocks(*x.shape, x.device):
-            q = torch.softmax(_scaled(x[block], temperature, dtype), dim=-1)
-            _write_difference(
-                grad, block, q, torch.softmax(_scaled(teacher[block], temperature, dtype), dim=-1)
-            )
-        return grad.mul_(scale.to(grad.dtype)), None, None, None, None
+        if grad is None:  # a second backward through the graph (retain_graph=True): recomputed
+            x, teacher = ctx.saved_tensors
+            grad = torch.empty_like(x)
+            _divergence_blocks(x, teacher, temperature, dtype, direction, beta, grad)
+        # the forward's is scaled in place: it is handed out once
+        return grad.mul_(scale.to(grad.dtype)), None, None, None, None, None, None
+
+
+def _divergence_blocks(
+    x: Tensor,
+    teacher: Tensor,
+    temperature: float,
+    dtype: torch.dtype,
+    direction: str,
+    beta: float,
+    grad: Tensor | None,
+) -> Tensor:
+    """The per-row divergence of :class:`_FusedDivergence`, with ``∂D/∂(x/T)`` written into ``grad``."""
+    rows, classes = x.shape
+    kl = torch.empty(rows, dtype=dtype, device=x.device)
+    plain = functools.partial(_plain_block_divergence, direction=direction, beta=beta)
+    finite_form, guarded_form = {
+        "forward": (_finite_block_kl, _guarded_block_kl),
+        "reverse": (_finite_block_reverse_kl, plain),
+        "jsd": (functools.partial(_finite_block_jsd, beta=beta), plain),
+    }[direction]
+    guarded = x.device.type != "cpu"  # the finite form's check is a host read
+
+    def scaled(block: slice) -> tuple[Tensor, Tensor]:
+        return _scaled(x[block], temperature, dtype), _scaled(teacher[block], temperature, dtype)
+
+    for block in row_blocks(rows, classes, x.device):
+        row_kl = None if guarded else finite_form(*scaled(block), grad, block)
+        if row_kl is None:
+            guarded = True  # -inf or NaN logits: likely in the next blocks too
+            row_kl = guarded_form(*scaled(block), grad, block)
+        kl[block] = row_kl
+    return kl
 
 
 def _scaled(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
@@ -174,8 +196,14 @@ def _scaled(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
 
 
 def _guarded_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) -> Tensor:
-    """The KL of each row of a block of scaled student and teacher logits ``s, u``, NaN-safe (see
-    :class:`_ForwardKL`), with ``q - p`` written into ``grad[block]``."""
+    r"""The KL of each row of a block of scaled student and teacher logits ``s, u``, NaN-safe, with
+    ``q - p`` written into ``grad[block]``.
+
+    :math:`\mathrm{KL}_i = \sum_c p_c (\log p_c - \log q_c)` from PyTorch's fused ``softmax`` and
+    ``log_softmax``. A class with :math:`p_c = 0` contributes 0 (its NaN product ``0 · (-inf)`` is
+    zeroed), one with :math:`p_c > 0 = q_c` makes the row ``+inf``; a row whose ``log_softmax`` is NaN on
+    either side (a NaN logit, or every logit ``-inf``) gets KL NaN and gradient 0. The gradient
+    :math:`q - p` is finite in every case, as :func:`_kl_per_row`'s."""
     log_q, log_p = torch.log_softmax(s, dim=-1), torch.log_softmax(u, dim=-1)
     p = torch.softmax(u, dim=-1)  # the fused kernel: faster than exp(log_p) on a CPU
     undefined = log_q[:, 0].isnan() | log_p[:, 0].isnan()  # the whole row is NaN then
@@ -186,37 +214,120 @@ def _guarded_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) -
     return torch.where(undefined, math.nan, cross.sum(-1))
 
 
+def centred_softmax_(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``x ← x - max x`` over the last dimension, in place; returns ``(softmax(x), log Z, max x)``, the
+    last two ``[R, 1]``, with :math:`Z = \sum_c e^{x_c - \max x}`, so that
+    :math:`\log\mathrm{softmax}(x) = (x - \max x) - \log Z` exactly where the logits are finite (the
+    softmax written into ``out`` when given). A row holding ``-inf`` everywhere, ``+inf`` or NaN turns NaN.
+
+    >>> x = torch.tensor([[1.0, 3.0]])
+    >>> q, log_z, top = centred_softmax_(x)
+    >>> x, top, torch.allclose(x - log_z, q.log())
+    (tensor([[-2.,  0.]]), tensor([[3.]]), True)
+    """
+    top = x.amax(-1, keepdim=True)
+    exp = torch.exp(x.sub_(top)) if out is None else torch.exp(x.sub_(top), out=out)
+    total = exp.sum(-1, keepdim=True)
+    return exp.div_(total), total.log_(), top
+
+
 def _finite_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) -> Tensor | None:
     r"""The KL of each row of a block of scaled student and teacher logits ``s, u`` (both consumed),
     with ``q - p`` written into ``grad[block]``; None (``grad[block]`` written all the same) when the
     result is not finite.
 
-    As :math:`\log p_c = u_c - \max u + \log \max p`,
-    :math:`\mathrm{KL} = \sum_c p_c\,[(u_c - \max u) - (s_c - \max s)] + \log(\max p / \max q)`: a
-    softmax per side and four ``amax`` in place of two ``log_softmax`` and the NaN guards. The logits
-    are centred before they are subtracted, so a student whose logits are the teacher's plus a
-    constant comes out as exactly as by ``log_softmax``. Exact wherever every term is finite; a
-    ruled-out class (``0 · (-inf)``), a NaN or an overflow makes its row NaN or inf instead."""
+    With the logits centred on their row maximum (:func:`centred_softmax_`), :math:`\log p_c = \bar u_c -
+    \log Z_p` and :math:`\mathrm{KL} = \sum_c p_c (\bar u_c - \bar s_c) + \log Z_q - \log Z_p`: one
+    exponential per side in place of two ``log_softmax`` and the NaN guards. The logits are centred
+    before they are subtracted, so a student whose logits are the teacher's plus a constant comes out as
+    exactly as by ``log_softmax``. Exact wherever every term is finite; a ruled-out class
+    (``0 · (-inf)``), a NaN or an overflow makes its row NaN or inf instead."""
     q_in_grad = grad is not None and grad.dtype == s.dtype
-    q = torch.softmax(s, dim=-1, out=grad[block]) if q_in_grad else torch.softmax(s, dim=-1)
-    p = torch.softmax(u, dim=-1)
-    log_max_ratio = p.amax(-1).div_(q.amax(-1)).log_()
+    q, log_zq, _ = centred_softmax_(s, grad[block] if q_in_grad else None)
+    p, log_zp, _ = centred_softmax_(u)
     if q_in_grad:
         q.sub_(p)
     elif grad is not None:
         grad[block] = q.sub_(p)
-    centred_s = s.sub_(s.amax(-1, keepdim=True))
-    shifted_log_ratio = u.sub_(u.amax(-1, keepdim=True)).sub_(centred_s)
-    row_kl = shifted_log_ratio.mul_(p).sum(-1).add_(log_max_ratio)
+    row_kl = row_dot(u.sub_(s), p, overwrite=True).add_(log_zq.sub_(log_zp).squeeze(-1))
     return row_kl if math.isfinite(float(row_kl.sum())) else None
 
 
 def _write_difference(grad: Tensor, block: slice, q: Tensor, p: Tensor) -> None:
-    """``grad[block] = q - p``, 0 in the rows where either is NaN (see :class:`_ForwardKL`)."""
+    """``grad[block] = q - p``, 0 in the rows where either is NaN (see :func:`_guarded_block_kl`)."""
     if q.dtype == grad.dtype:
         torch.sub(q, p, out=grad[block]).nan_to_num_(nan=0.0)
     else:
         grad[block] = q.sub_(p).nan_to_num_(nan=0.0)
+
+
+def _write_block(grad: Tensor, block: slice, values: Tensor) -> None:
+    if values.dtype == grad.dtype:
+        grad[block].copy_(values)
+    else:
+        grad[block] = values
+
+
+def _finite_block_reverse_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) -> Tensor | None:
+    r"""Reverse KL of each row of a block of scaled student and teacher logits ``s, u`` (both consumed),
+    with its gradient :math:`q \odot (d - \sum_c q_c d_c)` written into ``grad[block]``; None when the
+    result is not finite.
+
+    With the centred logits of :func:`centred_softmax_` and :math:`d = \bar s - \bar u`,
+    :math:`\log q - \log p = d - \log Z_q + \log Z_p`, so
+    :math:`\mathrm{KL}(q\|p) = \sum_c q_c d_c + \log Z_p - \log Z_q`."""
+    q, log_zq, _ = centred_softmax_(s)
+    _, log_zp, _ = centred_softmax_(u)
+    shifted_log_ratio = s.sub_(u)
+    expected = row_dot(q, shifted_log_ratio)
+    row_kl = expected + log_zp.sub_(log_zq).squeeze(-1)
+    if not math.isfinite(float(row_kl.sum())):
+        return None
+    if grad is not None:
+        _write_block(grad, block, q.mul_(shifted_log_ratio.sub_(expected[:, None])))
+    return row_kl
+
+
+def _finite_block_jsd(
+    s: Tensor, u: Tensor, grad: Tensor | None, block: slice, *, beta: float
+) -> Tensor | None:
+    r"""The generalized JSD of each row of a block (``s, u`` consumed), its gradient
+    :math:`(1-\beta)\,q \odot (g - \sum_c q_c g_c)`, :math:`g = \log q - \log M`, written into
+    ``grad[block]``; None when the result is not finite. With the exact :math:`\log q = \bar s -
+    \log Z_q` (and :math:`\log p` alike, :func:`centred_softmax_`) and
+    :math:`\log M = \operatorname{logaddexp}(\log\beta + \log p, \log(1-\beta) + \log q)`:
+    :math:`D = \beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M)`."""
+    q, log_zq, _ = centred_softmax_(s)
+    p, log_zp, _ = centred_softmax_(u)
+    log_q, log_p = s.sub_(log_zq), u.sub_(log_zp)
+    log_m = torch.add(log_p, math.log(beta))
+    torch.logaddexp(log_m, log_q + math.log1p(-beta), out=log_m)
+    kl_pm = row_dot(log_p.sub_(log_m), p, overwrite=True)
+    g = log_q.sub_(log_m)
+    kl_qm = row_dot(g, q)
+    row_jsd = kl_pm.mul_(beta).add_(kl_qm, alpha=1.0 - beta)
+    if not math.isfinite(float(row_jsd.sum())):
+        return None
+    if grad is not None:
+        _write_block(grad, block, q.mul_(g.sub_(kl_qm[:, None])).mul_(1.0 - beta))
+    return row_jsd
+
+
+def _plain_block_divergence(
+    s: Tensor, u: Tensor, grad: Tensor | None, block: slice, *, direction: str, beta: float
+) -> Tensor:
+    """The guarded form of reverse KL and JSD for a block: :func:`_divergence_per_row` on
+    ``log_softmax``, each row's ``∂D/∂s`` (rows are independent) by autograd into ``grad[block]``, 0 in
+    a row where it is NaN (a NaN logit, or every logit ``-inf``: the row's value is NaN then)."""
+    with torch.enable_grad():
+        student = s.requires_grad_(grad is not None)
+        per_row = _divergence_per_row(
+            torch.log_softmax(u, dim=-1), torch.log_softmax(student, dim=-1), direction, beta
+        )
+        if grad is not None:
+            (row_grads,) = torch.autograd.grad(per_row.sum(), student)
+            _write_block(grad, block, row_grads.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf))
+    return per_row.detach()
 
 
 def _check_logits(logits: Tensor, teacher_logits: Tensor, mask: Tensor | None) -> None:
@@ -252,8 +363,9 @@ def kl_divergence(
       swapping teacher and student is the same as replacing :math:`\beta` by :math:`1 - \beta`.
 
     Everything is computed in log space, from ``log_softmax`` (``log M`` by ``logaddexp``, a two-term
-    logsumexp) or, for finite forward KL on a CPU, from logits centred on their row maximum (``log p``
-    up to a constant per row), so confident logits give exact, finite values. ``-inf`` logits (classes
+    logsumexp) or, for finite logits of a constant teacher on a CPU, from logits centred on their row
+    maximum (``log p`` up to a constant per row), a block of rows at a time with the gradient made in
+    the forward pass, so confident logits give exact, finite values. ``-inf`` logits (classes
     ruled out, e.g. a padded vocabulary) are exact too, with NaN-free gradients even in masked-out rows:
 
     - a class with zero probability under the first argument of a KL contributes ``0·log 0 = 0``;
@@ -294,19 +406,21 @@ def kl_divergence(
     check_distillation_options(temperature, direction, beta)
     dtype = compute_dtype(logits, teacher_logits)
     fused = (
-        direction == "forward"
+        (direction == "forward" or logits.device.type == "cpu")  # off a CPU reverse/JSD: the plain path
         and fused_path()
         and not (teacher_logits.requires_grad and torch.is_grad_enabled())  # student gradient only
     )
     if fused:
         classes = logits.shape[-1]
         need_grad = torch.is_grad_enabled() and logits.requires_grad
-        per_row = _ForwardKL.apply(
+        per_row = _FusedDivergence.apply(
             logits.reshape(-1, classes),
             teacher_logits.reshape(-1, classes),
             float(temperature),
             dtype,
             need_grad,
+            direction,
+            float(beta),
         ).reshape(logits.shape[:-1])
         return masked_mean(per_row, mask, global_valid_toks)
     log_student = F.log_softmax(logits.to(dtype) / temperature, dim=-1)

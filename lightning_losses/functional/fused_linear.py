@@ -33,7 +33,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_losses.functional.cross_entropy import row_blocks, row_dot, valid_mask
-from lightning_losses.functional.distillation import Direction, DistillationTerms, check_distillation_options
+from lightning_losses.functional.distillation import (
+    Direction,
+    DistillationTerms,
+    centred_softmax_,
+    check_distillation_options,
+)
 from lightning_losses.protocol import (
     check_class_targets,
     check_floating,
@@ -192,9 +197,10 @@ def _finite_forward_kl_chunk(
 ) -> tuple[Tensor, Tensor | None] | None:
     r""":func:`_distillation_chunk` for forward KL in the finite form of
     :func:`~lightning_losses.functional.distillation.kl_divergence` on a CPU, a block of rows at a time
-    (:func:`row_blocks`, in cache): with :math:`s = z/T`, :math:`u = z^t/T`, :math:`\mathrm{KL} = \sum_c p_c
-    [(u_c - \max u) - (s_c - \max s)] + \log(\max p / \max q)`, one softmax per side, no ``log_softmax``
-    and no NaN guards; :math:`\operatorname{lse}(z) = \max s - \log \max q` at :math:`T = 1`. Exact
+    (:func:`row_blocks`, in cache): with :math:`s = z/T`, :math:`u = z^t/T` centred on their row maximum
+    (:func:`~lightning_losses.functional.distillation.centred_softmax_`), :math:`\mathrm{KL} = \sum_c p_c
+    (\bar u_c - \bar s_c) + \log Z_q - \log Z_p`, one exponential per side, no ``log_softmax`` and no
+    NaN guards; :math:`\operatorname{lse}(z) = \max s + \log Z_q` at :math:`T = 1`. Exact
     where every term is finite; returns None when a row's KL is not (``-inf`` or NaN logits, an
     overflow), having consumed both buffers: the caller recomputes them for :func:`_distillation_chunk`.
     Three ``[c, V]`` tensors (the two logits and the gradient) and a block of ``p``."""
@@ -214,24 +220,19 @@ def _finite_forward_kl_chunk(
         if temperature != 1.0:
             s.mul_(inv_t)
             u.mul_(inv_t)
-        q = torch.softmax(s, 1) if grad is None else torch.softmax(s, 1, out=grad[block])
+        q, log_zq, s_max = centred_softmax_(s, None if grad is None else grad[block])
         if p_buffer is None:
             p_buffer = torch.empty_like(s)
-        p = torch.softmax(u, 1, out=p_buffer[: s.shape[0]])
-        q_max = q.amax(1)
-        log_max_ratio = p.amax(1).div_(q_max).log_()
-        s_max = s.amax(1, keepdim=True)
-        centred = s.sub_(s_max)
-        shifted_log_ratio = u.sub_(u.amax(1, keepdim=True)).sub_(centred)
-        per_row[block] = row_dot(shifted_log_ratio, p, overwrite=True).add_(log_max_ratio)
+        p, log_zp, _ = centred_softmax_(u, p_buffer[: s.shape[0]])
+        per_row[block] = row_dot(u.sub_(s), p, overwrite=True).add_((log_zq - log_zp).squeeze(1))
         if grad is not None:
             q.mul_(q_coef[block, None]).addcmul_(p, kd_coef[block, None], value=-1.0)
         if not with_ce:
             continue
         if temperature == 1.0:
-            lse_z[block] = s_max.squeeze(1) - q_max.log_()
-        else:  # softmax(z) = exp(T·(s − max s)) / Σ, in s's buffer
-            exp_z = centred.mul_(temperature).exp_()
+            lse_z[block] = (s_max + log_zq).squeeze(1)
+        else:  # softmax(z) = exp(T·(s − max s)) / Σ, in s's (centred) buffer
+            exp_z = s.mul_(temperature).exp_()
             total = exp_z.sum(1)
             lse_z[block] = temperature * s_max.squeeze(1) + total.log()
             if ce_grad:
