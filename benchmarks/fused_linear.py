@@ -3,7 +3,7 @@
 Run::
 
     python -m benchmarks.fused_linear --n 8192 --hidden 512 --vocab 32768 --dtype float32 --repeats 5 \\
-        --json out.json [--compile] [--chunk-size 512] [--pairs ce,distill]
+        --json out.json [--compile] [--chunk-size 512] [--pairs ce,distill,reverse,jsd]
 
 Variants, each one forward + backward of the loss from hidden states ``[N, H]`` that require grad and an
 LM-head weight ``[V, H]`` that requires grad (targets: random token ids):
@@ -13,7 +13,9 @@ LM-head weight ``[V, H]`` that requires grad (targets: random token ids):
 - ``unfused_distill``: forward KL at ``T = 1`` by the library's
   :func:`~lightning_losses.functional.distillation.distillation_loss` on ``F.linear(hidden, weight)`` and
   the teacher's ``F.linear(teacher_hidden, teacher_weight)`` (computed under ``no_grad``);
-- ``fused_distill``: :func:`~lightning_losses.functional.fused_linear.fused_linear_distillation`, same.
+- ``fused_distill``: :func:`~lightning_losses.functional.fused_linear.fused_linear_distillation`, same;
+- ``unfused_reverse`` / ``fused_reverse``, ``unfused_jsd`` / ``fused_jsd`` (pairs ``reverse``, ``jsd``,
+  not run by default): the same with reverse KL, with the generalized JSD (β = 0.5).
 
 Time: the median of ``--repeats`` runs after one warm-up run (``torch.cuda.synchronize`` after each on a
 GPU). The two variants of a pair run in one process (a fresh subprocess on CPU), alternately, on the same
@@ -68,7 +70,10 @@ __all__ = ["PAIRS", "main", "measure_memory", "measure_times", "run_benchmark"]
 PAIRS: dict[str, tuple[str, str]] = {
     "ce": ("unfused_ce", "fused_ce"),
     "distill": ("unfused_distill", "fused_distill"),
+    "reverse": ("unfused_reverse", "fused_reverse"),
+    "jsd": ("unfused_jsd", "fused_jsd"),
 }
+DIRECTIONS = {"distill": "forward", "reverse": "reverse", "jsd": "jsd"}  # of the distillation pairs
 MIB = 2**20
 
 
@@ -98,18 +103,20 @@ def loss_fn(variant: str, chunk_size: int | None, compile: bool) -> Callable[[di
         return lambda x: fused_linear_cross_entropy(
             x["hidden"], x["weight"], x["target"], chunk_size=chunk_size, compile=compile
         )
-    if variant == "unfused_distill":
+    path, _, pair = variant.partition("_")
+    if pair in DIRECTIONS and path == "unfused":
 
         def unfused_distill(x: dict[str, Any]) -> torch.Tensor:
             with torch.no_grad():
                 teacher_logits = F.linear(x["teacher_hidden"], x["teacher_weight"])
-            return distillation_loss(F.linear(x["hidden"], x["weight"]), teacher_logits, temperature=1.0).loss
+            logits = F.linear(x["hidden"], x["weight"])
+            return distillation_loss(logits, teacher_logits, temperature=1.0, direction=DIRECTIONS[pair]).loss
 
         return unfused_distill
-    if variant == "fused_distill":
+    if pair in DIRECTIONS and path == "fused":
         return lambda x: fused_linear_distillation(
             x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"], temperature=1.0,
-            chunk_size=chunk_size, compile=compile,
+            direction=DIRECTIONS[pair], chunk_size=chunk_size, compile=compile,
         ).loss  # fmt: skip
     raise ValueError(f"unknown variant {variant!r}; known: {[v for pair in PAIRS.values() for v in pair]}")
 
@@ -311,7 +318,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         "--chunk-size", type=int, default=None, help="rows per chunk (default: the library's)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the per-chunk math")
-    parser.add_argument("--pairs", default="ce,distill", help="comma-separated subset of: ce, distill")
+    parser.add_argument(
+        "--pairs", default="ce,distill", help="comma-separated subset of: ce, distill, reverse, jsd"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run")
     parser.add_argument("--in-process", action="store_true", help="no subprocesses (CPU memory indicative)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")

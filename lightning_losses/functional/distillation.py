@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -171,12 +172,12 @@ def _divergence_blocks(
     """The per-row divergence of :class:`_FusedDivergence`, with ``∂D/∂(x/T)`` written into ``grad``."""
     rows, classes = x.shape
     kl = torch.empty(rows, dtype=dtype, device=x.device)
-    plain = functools.partial(_plain_block_divergence, direction=direction, beta=beta)
-    finite_form, guarded_form = {
-        "forward": (_finite_block_kl, _guarded_block_kl),
-        "reverse": (_finite_block_reverse_kl, plain),
-        "jsd": (functools.partial(_finite_block_jsd, beta=beta), plain),
-    }[direction]
+    finite_form = finite_block_forms(beta)[direction]
+    guarded_form = (
+        _guarded_block_kl
+        if direction == "forward"
+        else functools.partial(_plain_block_divergence, direction=direction, beta=beta)
+    )
     guarded = x.device.type != "cpu"  # the finite form's check is a host read
 
     def scaled(block: slice) -> tuple[Tensor, Tensor]:
@@ -214,21 +215,21 @@ def _guarded_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) -
     return torch.where(undefined, math.nan, cross.sum(-1))
 
 
-def centred_softmax_(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``x ← x - max x`` over the last dimension, in place; returns ``(softmax(x), log Z, max x)``, the
-    last two ``[R, 1]``, with :math:`Z = \sum_c e^{x_c - \max x}`, so that
-    :math:`\log\mathrm{softmax}(x) = (x - \max x) - \log Z` exactly where the logits are finite (the
-    softmax written into ``out`` when given). A row holding ``-inf`` everywhere, ``+inf`` or NaN turns NaN.
+def _centred_softmax_(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""``x ← x - max x`` over the last dimension, in place; returns ``(softmax(x), log Z)``, the latter
+    ``[R, 1]``, with :math:`Z = \sum_c e^{x_c - \max x}`, so that :math:`\log\mathrm{softmax}(x) =
+    (x - \max x) - \log Z` exactly where the logits are finite (the softmax written into ``out`` when
+    given). A row holding ``-inf`` everywhere, ``+inf`` or NaN turns NaN.
 
     >>> x = torch.tensor([[1.0, 3.0]])
-    >>> q, log_z, top = centred_softmax_(x)
-    >>> x, top, torch.allclose(x - log_z, q.log())
-    (tensor([[-2.,  0.]]), tensor([[3.]]), True)
+    >>> q, log_z = _centred_softmax_(x)
+    >>> x, torch.allclose(x - log_z, q.log())
+    (tensor([[-2.,  0.]]), True)
     """
-    top = x.amax(-1, keepdim=True)
-    exp = torch.exp(x.sub_(top)) if out is None else torch.exp(x.sub_(top), out=out)
+    centred = x.sub_(x.amax(-1, keepdim=True))
+    exp = torch.exp(centred) if out is None else torch.exp(centred, out=out)
     total = exp.sum(-1, keepdim=True)
-    return exp.div_(total), total.log_(), top
+    return exp.div_(total), total.log_()
 
 
 def _finite_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) -> Tensor | None:
@@ -236,21 +237,35 @@ def _finite_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) ->
     with ``q - p`` written into ``grad[block]``; None (``grad[block]`` written all the same) when the
     result is not finite.
 
-    With the logits centred on their row maximum (:func:`centred_softmax_`), :math:`\log p_c = \bar u_c -
+    With the logits centred on their row maximum (:func:`_centred_softmax_`), :math:`\log p_c = \bar u_c -
     \log Z_p` and :math:`\mathrm{KL} = \sum_c p_c (\bar u_c - \bar s_c) + \log Z_q - \log Z_p`: one
     exponential per side in place of two ``log_softmax`` and the NaN guards. The logits are centred
     before they are subtracted, so a student whose logits are the teacher's plus a constant comes out as
     exactly as by ``log_softmax``. Exact wherever every term is finite; a ruled-out class
     (``0 · (-inf)``), a NaN or an overflow makes its row NaN or inf instead."""
     q_in_grad = grad is not None and grad.dtype == s.dtype
-    q, log_zq, _ = centred_softmax_(s, grad[block] if q_in_grad else None)
-    p, log_zp, _ = centred_softmax_(u)
+    q, log_zq = _centred_softmax_(s, grad[block] if q_in_grad else None)
+    p, log_zp = _centred_softmax_(u)
     if q_in_grad:
         q.sub_(p)
     elif grad is not None:
         grad[block] = q.sub_(p)
     row_kl = row_dot(u.sub_(s), p, overwrite=True).add_(log_zq.sub_(log_zp).squeeze(-1))
     return row_kl if math.isfinite(float(row_kl.sum())) else None
+
+
+BlockForm = Callable[[Tensor, Tensor, Tensor | None, slice], Tensor | None]
+
+
+def finite_block_forms(beta: float) -> dict[str, BlockForm]:
+    """The finite block form of each direction: ``form(s, u, grad, block)`` takes a block of scaled
+    student and teacher logits (both consumed), writes ``∂D/∂s`` into ``grad[block]`` (when ``grad`` is
+    given) and returns the rows' divergence, or None when it is not finite."""
+    return {
+        "forward": _finite_block_kl,
+        "reverse": _finite_block_reverse_kl,
+        "jsd": functools.partial(_finite_block_jsd, beta=beta),
+    }
 
 
 def _write_difference(grad: Tensor, block: slice, q: Tensor, p: Tensor) -> None:
@@ -273,11 +288,11 @@ def _finite_block_reverse_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: s
     with its gradient :math:`q \odot (d - \sum_c q_c d_c)` written into ``grad[block]``; None when the
     result is not finite.
 
-    With the centred logits of :func:`centred_softmax_` and :math:`d = \bar s - \bar u`,
+    With the centred logits of :func:`_centred_softmax_` and :math:`d = \bar s - \bar u`,
     :math:`\log q - \log p = d - \log Z_q + \log Z_p`, so
     :math:`\mathrm{KL}(q\|p) = \sum_c q_c d_c + \log Z_p - \log Z_q`."""
-    q, log_zq, _ = centred_softmax_(s)
-    _, log_zp, _ = centred_softmax_(u)
+    q, log_zq = _centred_softmax_(s)
+    _, log_zp = _centred_softmax_(u)
     shifted_log_ratio = s.sub_(u)
     expected = row_dot(q, shifted_log_ratio)
     row_kl = expected + log_zp.sub_(log_zq).squeeze(-1)
@@ -294,11 +309,11 @@ def _finite_block_jsd(
     r"""The generalized JSD of each row of a block (``s, u`` consumed), its gradient
     :math:`(1-\beta)\,q \odot (g - \sum_c q_c g_c)`, :math:`g = \log q - \log M`, written into
     ``grad[block]``; None when the result is not finite. With the exact :math:`\log q = \bar s -
-    \log Z_q` (and :math:`\log p` alike, :func:`centred_softmax_`) and
+    \log Z_q` (and :math:`\log p` alike, :func:`_centred_softmax_`) and
     :math:`\log M = \operatorname{logaddexp}(\log\beta + \log p, \log(1-\beta) + \log q)`:
     :math:`D = \beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M)`."""
-    q, log_zq, _ = centred_softmax_(s)
-    p, log_zp, _ = centred_softmax_(u)
+    q, log_zq = _centred_softmax_(s)
+    p, log_zp = _centred_softmax_(u)
     log_q, log_p = s.sub_(log_zq), u.sub_(log_zp)
     log_m = torch.add(log_p, math.log(beta))
     torch.logaddexp(log_m, log_q + math.log1p(-beta), out=log_m)

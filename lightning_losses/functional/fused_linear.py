@@ -36,8 +36,8 @@ from lightning_losses.functional.cross_entropy import row_blocks, row_dot, valid
 from lightning_losses.functional.distillation import (
     Direction,
     DistillationTerms,
-    centred_softmax_,
     check_distillation_options,
+    finite_block_forms,
 )
 from lightning_losses.protocol import (
     check_class_targets,
@@ -184,7 +184,7 @@ def _distillation_chunk(
     return sums, grad
 
 
-def _finite_forward_kl_chunk(
+def _finite_distillation_chunk(
     logits: Tensor,
     teacher_logits: Tensor,
     target: Tensor | None,
@@ -195,50 +195,43 @@ def _finite_forward_kl_chunk(
     alpha: float,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor | None] | None:
-    r""":func:`_distillation_chunk` for forward KL in the finite form of
+    r""":func:`_distillation_chunk` in the finite forms of
     :func:`~lightning_losses.functional.distillation.kl_divergence` on a CPU, a block of rows at a time
-    (:func:`row_blocks`, in cache): with :math:`s = z/T`, :math:`u = z^t/T` centred on their row maximum
-    (:func:`~lightning_losses.functional.distillation.centred_softmax_`), :math:`\mathrm{KL} = \sum_c p_c
-    (\bar u_c - \bar s_c) + \log Z_q - \log Z_p`, one exponential per side, no ``log_softmax`` and no
-    NaN guards; :math:`\operatorname{lse}(z) = \max s + \log Z_q` at :math:`T = 1`. Exact
-    where every term is finite; returns None when a row's KL is not (``-inf`` or NaN logits, an
-    overflow), having consumed both buffers: the caller recomputes them for :func:`_distillation_chunk`.
-    Three ``[c, V]`` tensors (the two logits and the gradient) and a block of ``p``."""
+    (:func:`row_blocks`, in cache): logits centred on their row maximum, one exponential per side, no
+    ``log_softmax`` and no NaN guards. Exact where every term is finite; returns None when a row's
+    divergence is not (``-inf`` or NaN logits, an overflow), having consumed both buffers: the caller
+    recomputes them for :func:`_distillation_chunk`. Three ``[c, V]`` tensors (the two logits and the
+    gradient) and, with a target, a block of ``softmax(z)``."""
     rows, vocab = logits.shape
     inv_t = 1.0 / temperature
     with_ce = target is not None
     ce_grad = with_ce and alpha != 0.0 and need_grad
     picked = logits.gather(1, target.unsqueeze(1)).squeeze(1) if with_ce else None
-    kd_coef = (temperature**2 * ((1.0 - alpha) if with_ce else 1.0) * inv_t) * weights  # of q − p in ∂/∂z
-    q_coef = kd_coef + alpha * weights if ce_grad and temperature == 1.0 else kd_coef  # softmax(z) = q
+    kd_coef = (temperature**2 * ((1.0 - alpha) if with_ce else 1.0) * inv_t) * weights  # of ∂D/∂(z/T)
+    block_form = finite_block_forms(beta)[direction]
     grad = torch.empty_like(logits) if need_grad else None
     per_row = logits.new_empty(rows)
     lse_z = logits.new_empty(rows) if with_ce else None
-    p_buffer = None
+    ce_buffer = None
     for block in row_blocks(rows, vocab, logits.device):
         s, u = logits[block], teacher_logits[block]
+        if with_ce:  # from the unsoftened logits, before the divergence consumes them
+            lse_z[block] = torch.logsumexp(s, 1)
+            if ce_grad:
+                if ce_buffer is None:
+                    ce_buffer = torch.empty_like(s)
+                ce_probs = torch.softmax(s, 1, out=ce_buffer[: s.shape[0]])
         if temperature != 1.0:
             s.mul_(inv_t)
             u.mul_(inv_t)
-        q, log_zq, s_max = centred_softmax_(s, None if grad is None else grad[block])
-        if p_buffer is None:
-            p_buffer = torch.empty_like(s)
-        p, log_zp, _ = centred_softmax_(u, p_buffer[: s.shape[0]])
-        per_row[block] = row_dot(u.sub_(s), p, overwrite=True).add_((log_zq - log_zp).squeeze(1))
+        row = block_form(s, u, grad, block)
+        if row is None:
+            return None
+        per_row[block] = row
         if grad is not None:
-            q.mul_(q_coef[block, None]).addcmul_(p, kd_coef[block, None], value=-1.0)
-        if not with_ce:
-            continue
-        if temperature == 1.0:
-            lse_z[block] = (s_max + log_zq).squeeze(1)
-        else:  # softmax(z) = exp(T·(s − max s)) / Σ, in s's (centred) buffer
-            exp_z = s.mul_(temperature).exp_()
-            total = exp_z.sum(1)
-            lse_z[block] = temperature * s_max.squeeze(1) + total.log()
+            grad[block].mul_(kd_coef[block, None])
             if ce_grad:
-                q.add_(exp_z.mul_((alpha * weights[block] / total).unsqueeze(1)))
-    if not math.isfinite(float(per_row.sum())):
-        return None
+                grad[block].add_(ce_probs.mul_((alpha * weights[block]).unsqueeze(1)))
     sums = _distillation_sums(per_row, None if lse_z is None else lse_z - picked, weights, temperature, alpha)
     if ce_grad:
         grad.scatter_add_(1, target.unsqueeze(1), -(alpha * weights).unsqueeze(1))
@@ -534,9 +527,10 @@ def fused_linear_distillation(
     ``kl_divergence``, but its gradient is then not defined here (may be NaN).
 
     The gradients into the student's hidden states, weight and bias are computed in the forward pass
-    (see the module docstring); teacher inputs get none (they are detached). On a CPU, forward KL takes
-    ``kl_divergence``'s finite form (one softmax per side, a block of rows at a time) until a chunk holds
-    a non-finite value (e.g. ``-inf`` logits); that chunk and the rest take the guarded log-space form.
+    (see the module docstring); teacher inputs get none (they are detached). On a CPU every direction
+    takes ``kl_divergence``'s finite forms (one exponential per side, a block of rows at a time) until a
+    chunk holds a non-finite value (e.g. ``-inf`` logits); that chunk and the rest take the guarded
+    log-space form.
 
     Args:
         student_hidden: ``[N, H]`` or ``[B, T, H]``.
@@ -593,11 +587,10 @@ def fused_linear_distillation(
     else:
         valid = valid_mask(target, mask, ignore_index, dtype)
         safe_target = torch.where(valid != 0, target, torch.zeros_like(target))
-    # the finite form's check is a host read: a CPU's only
-    finite_form = direction == "forward" and student_hidden.device.type == "cpu"
+    finite_form = student_hidden.device.type == "cpu"  # the finite forms' check is a host read
     total, extras = _run(
         student_hidden, student_weight, student_bias, (teacher_hidden, teacher_weight, teacher_bias),
-        (safe_target, valid), _finite_forward_kl_chunk if finite_form else _distillation_chunk,
+        (safe_target, valid), _finite_distillation_chunk if finite_form else _distillation_chunk,
         (float(temperature), direction, float(beta), float(alpha)), chunk_size, dtype, 3, compile,
         _distillation_chunk if finite_form else None,
     )  # fmt: skip

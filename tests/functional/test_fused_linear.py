@@ -26,6 +26,7 @@ from lightning_losses.losses.distillation import KLDivergenceLoss
 from lightning_losses.losses.fused_linear import FusedLinearCrossEntropyLoss, FusedLinearDistillationLoss
 from lightning_losses.losses.nll import NLLLoss
 from lightning_losses.registry import build_loss
+from tests.functional.test_distillation import reference_divergence_fp64
 from tests.helpers import quiet_trainer
 
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -398,11 +399,14 @@ def test_forward_kl_is_infinite_where_only_the_student_rules_a_class_out():
     assert fused.loss.item() == unfused.item() == math.inf
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_forward_kl_chunks_take_the_finite_form_until_one_is_not_finite(dtype, monkeypatch):
-    """Chunks of 4 rows: the finite form runs until chunk 2, whose row 9 has teacher logits ±0.9·max
-    (their difference overflows there, not in log_softmax); that chunk, its logits computed again, and
-    every later one take the guarded form. Value, terms and gradients equal the unfused path's."""
+def test_distillation_chunks_take_the_finite_form_until_one_is_not_finite(dtype, direction, monkeypatch):
+    """Chunks of 4 rows: the finite form runs until chunk 2, whose row 9 has logits ±0.9·max (the
+    teacher's; for reverse KL the student's: the side whose zero probability the KL's first argument
+    multiplies). Their centred difference overflows there, not in log_softmax; that chunk, its logits
+    computed again, and every later one take the guarded form. Value, terms and gradients equal the
+    unfused path's."""
     fused_linear = importlib.import_module("lightning_losses.functional.fused_linear")
     calls = []
 
@@ -415,19 +419,20 @@ def test_forward_kl_chunks_take_the_finite_form_until_one_is_not_finite(dtype, m
 
         return called
 
-    for form in ("_finite_forward_kl_chunk", "_distillation_chunk"):
+    for form in ("_finite_distillation_chunk", "_distillation_chunk"):
         monkeypatch.setattr(fused_linear, form, spy(form))
     h, w, b, ht, wt, bt, target, mask = make_distillation_inputs(dtype, 14)
     huge = 0.9 * torch.finfo(dtype).max
+    hidden, weight, bias = (h, w, b) if direction == "reverse" else (ht, wt, bt)
     with torch.no_grad():
-        ht[9], wt[:, 0], bt[:2] = 0.0, 0.0, 0.0
-        ht[9, 0], wt[0, 0], wt[1, 0] = huge, 1.0, -1.0
+        hidden[9], weight[:, 0], bias[:2] = 0.0, 0.0, 0.0
+        hidden[9, 0], weight[0, 0], weight[1, 0] = huge, 1.0, -1.0
     target[9], mask[9] = 0, True
-    options = {"temperature": 1.0, "alpha": 0.4}
+    options = {"temperature": 1.0, "alpha": 0.4, "direction": direction, "beta": 0.3}
     fused_terms = fused_linear_distillation(
         h, w, ht, wt, target, mask, student_bias=b, teacher_bias=bt, chunk_size=4, **options
     )
-    assert calls == ["_finite_forward_kl_chunk"] * 3 + ["_distillation_chunk"] * 6
+    assert calls == ["_finite_distillation_chunk"] * 3 + ["_distillation_chunk"] * 6
     unfused_terms = distillation_loss(F.linear(h, w, b), F.linear(ht, wt, bt), target, mask, **options)
     assert_close_rel(fused_terms.kl_loss, unfused_terms.kl_loss, RTOL[dtype])
     assert_close_rel(fused_terms.task_loss, unfused_terms.task_loss, RTOL[dtype])
@@ -438,21 +443,25 @@ def test_forward_kl_chunks_take_the_finite_form_until_one_is_not_finite(dtype, m
         assert_close_rel(a, e, RTOL[dtype], msg=name)
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("offset", [0.0, 100.0])
-def test_forward_kl_is_exact_for_a_nearby_or_shifted_student(offset):
-    """The student's head is the teacher's (bias + offset: the same distribution) plus noise: the
-    finite form's centred logits keep the fp32 KL within ~7e-9 of an fp64 reference."""
+def test_divergence_is_exact_for_a_nearby_or_shifted_student(offset, direction):
+    """The student's head is the teacher's (bias + offset: the same distribution) plus noise, so the
+    divergence is ~1e-7 (JSD ~2e-8), at fp32's limit: against fp64 on the same fp32 logits, the finite
+    forms' centred logits err no more than the log_softmax path (here 0.3-9e-9 against 6-10e-9;
+    subtracting the uncentred logits errs by 3.4e-8 at offset 100)."""
     g = torch.Generator().manual_seed(15)
-    ht, wt, bt = torch.randn(256, 32, generator=g), torch.randn(1000, 32, generator=g), torch.randn(1000)
+    ht, wt = torch.randn(256, 32, generator=g), torch.randn(1000, 32, generator=g)
+    bt = torch.randn(1000, generator=g)
     h = ht + 1e-4 * torch.randn(256, 32, generator=g)
-    fused = fused_linear_distillation(
-        h, wt, ht, wt, student_bias=bt + offset, teacher_bias=bt, temperature=1.0
-    )
-    log_p = F.linear(ht.double(), wt.double(), bt.double()).log_softmax(-1)
-    log_q = F.linear(h.double(), wt.double(), bt.double()).log_softmax(-1)
-    exact = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    options = {"temperature": 1.0, "direction": direction, "beta": 0.3}
+    fused = fused_linear_distillation(h, wt, ht, wt, student_bias=bt + offset, teacher_bias=bt, **options)
+    logits, teacher_logits = F.linear(h, wt, bt + offset), F.linear(ht, wt, bt)  # the chunk's, in fp32
+    exact = reference_divergence_fp64(logits, teacher_logits, direction)
+    log_softmax_path = kl_divergence(logits, teacher_logits.requires_grad_(), **options)  # teacher grad
     assert 0 < exact < 1e-5
-    assert abs(fused.kl_loss.double() - exact) < 1.5e-8  # uncentred: 3.4e-8 at offset 100
+    error, log_softmax_error = (abs(x.double() - exact) for x in (fused.kl_loss, log_softmax_path))
+    assert error <= 2 * log_softmax_error + 5e-9
 
 
 def test_teacher_gets_no_gradient():
