@@ -118,8 +118,8 @@ class _FusedDivergence(torch.autograd.Function):
     cache, so the backward scales it in place by each row's incoming gradient (a second backward, with
     ``retain_graph``, recomputes it).
 
-    Each block takes a finite form (one softmax per side, logits centred on their row maximum, no NaN
-    guards, exact wherever every term is finite) until one's result is not finite (``-inf`` or NaN
+    Each block takes a finite form (one exponential per side, logits centred on their row maximum, no
+    NaN guards, exact wherever every term is finite) until one's result is not finite (``-inf`` or NaN
     logits, an overflow); that block and the rest take the guarded form. Forward KL (any device; off
     the CPU only the guarded form, the finite form's check being a host read): :func:`_finite_block_kl`,
     then :func:`_guarded_block_kl`. Reverse KL and JSD (CPU): :func:`_finite_block_reverse_kl` /
@@ -254,20 +254,6 @@ def _finite_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) ->
     return row_kl if math.isfinite(float(row_kl.sum())) else None
 
 
-BlockForm = Callable[[Tensor, Tensor, Tensor | None, slice], Tensor | None]
-
-
-def finite_block_forms(beta: float) -> dict[str, BlockForm]:
-    """The finite block form of each direction: ``form(s, u, grad, block)`` takes a block of scaled
-    student and teacher logits (both consumed), writes ``∂D/∂s`` into ``grad[block]`` (when ``grad`` is
-    given) and returns the rows' divergence, or None when it is not finite."""
-    return {
-        "forward": _finite_block_kl,
-        "reverse": _finite_block_reverse_kl,
-        "jsd": functools.partial(_finite_block_jsd, beta=beta),
-    }
-
-
 def _write_difference(grad: Tensor, block: slice, q: Tensor, p: Tensor) -> None:
     """``grad[block] = q - p``, 0 in the rows where either is NaN (see :func:`_guarded_block_kl`)."""
     if q.dtype == grad.dtype:
@@ -277,6 +263,7 @@ def _write_difference(grad: Tensor, block: slice, q: Tensor, p: Tensor) -> None:
 
 
 def _write_block(grad: Tensor, block: slice, values: Tensor) -> None:
+    """``grad[block] = values``, cast to ``grad``'s dtype."""
     if values.dtype == grad.dtype:
         grad[block].copy_(values)
     else:
@@ -326,6 +313,20 @@ def _finite_block_jsd(
     if grad is not None:
         _write_block(grad, block, q.mul_(g.sub_(kl_qm[:, None])).mul_(1.0 - beta))
     return row_jsd
+
+
+BlockForm = Callable[[Tensor, Tensor, Tensor | None, slice], Tensor | None]
+
+
+def finite_block_forms(beta: float) -> dict[str, BlockForm]:
+    """The finite block form of each direction: ``form(s, u, grad, block)`` takes a block of scaled
+    student and teacher logits (both consumed), writes ``∂D/∂s`` into ``grad[block]`` (when ``grad`` is
+    given) and returns the rows' divergence, or None when it is not finite."""
+    return {
+        "forward": _finite_block_kl,
+        "reverse": _finite_block_reverse_kl,
+        "jsd": functools.partial(_finite_block_jsd, beta=beta),
+    }
 
 
 def _plain_block_divergence(
