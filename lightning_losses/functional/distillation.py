@@ -215,11 +215,22 @@ def _guarded_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) -
     return torch.where(undefined, math.nan, cross.sum(-1))
 
 
+def _exp_floor(dtype: torch.dtype) -> float:
+    """An exponent below which ``exp`` is subnormal or 0 in ``dtype``, less 1: ``-86.3`` in float32."""
+    return math.log(torch.finfo(dtype).tiny) + 1.0
+
+
 def _centred_softmax_(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""``x ← x - max x`` over the last dimension, in place; returns ``(softmax(x), log Z)``, the latter
     ``[R, 1]``, with :math:`Z = \sum_c e^{x_c - \max x}`, so that :math:`\log\mathrm{softmax}(x) =
     (x - \max x) - \log Z` exactly where the logits are finite (the softmax written into ``out`` when
     given). A row holding ``-inf`` everywhere, ``+inf`` or NaN turns NaN.
+
+    The exponents are floored at :func:`_exp_floor` (a probability below :math:`e^{-86}` relative to the
+    row's largest, 1, is taken as that: invisible in :math:`Z` and in every sum it weighs). On a CPU
+    ``torch.exp`` of an input whose result is subnormal or 0 takes ~100× as long (2.7 ms against 27 µs
+    at [256, 1000] with logits of standard deviation 30), so confident logits would be slow otherwise.
+    ``x`` keeps its exact centred values for the log terms.
 
     >>> x = torch.tensor([[1.0, 3.0]])
     >>> q, log_z = _centred_softmax_(x)
@@ -227,7 +238,8 @@ def _centred_softmax_(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Ten
     (tensor([[-2.,  0.]]), True)
     """
     centred = x.sub_(x.amax(-1, keepdim=True))
-    exp = torch.exp(centred) if out is None else torch.exp(centred, out=out)
+    floor = _exp_floor(x.dtype)
+    exp = (centred.clamp(min=floor) if out is None else torch.clamp(centred, min=floor, out=out)).exp_()
     total = exp.sum(-1, keepdim=True)
     return exp.div_(total), total.log_()
 
