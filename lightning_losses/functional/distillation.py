@@ -220,11 +220,11 @@ def _exp_floor(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
-def _centred_softmax_(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    r"""``x ← x - max x`` over the last dimension, in place; returns ``(softmax(x), log Z)``, the latter
-    ``[R, 1]``, with :math:`Z = \sum_c e^{x_c - \max x}`, so that :math:`\log\mathrm{softmax}(x) =
-    (x - \max x) - \log Z` exactly where the logits are finite (the softmax written into ``out`` when
-    given). A row holding ``-inf`` everywhere, ``+inf`` or NaN turns NaN.
+def _centred_exp_(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""``x ← x - max x`` over the last dimension, in place; returns ``(e, Z)``, ``e = exp(x - max x)``
+    (written into ``out`` when given) and its row sums ``Z [R, 1]``, so that ``softmax(x) = e / Z`` and
+    :math:`\log\mathrm{softmax}(x) = (x - \max x) - \log Z` exactly where the logits are finite. A row
+    holding ``-inf`` everywhere, ``+inf`` or NaN turns NaN.
 
     The exponents are floored at :func:`_exp_floor` (a probability below :math:`e^{-86}` relative to the
     row's largest, 1, is taken as that: invisible in :math:`Z` and in every sum it weighs). On a CPU
@@ -233,15 +233,14 @@ def _centred_softmax_(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Ten
     ``x`` keeps its exact centred values for the log terms.
 
     >>> x = torch.tensor([[1.0, 3.0]])
-    >>> q, log_z = _centred_softmax_(x)
-    >>> x, torch.allclose(x - log_z, q.log())
+    >>> e, z = _centred_exp_(x)
+    >>> x, torch.allclose(x - z.log(), (e / z).log())
     (tensor([[-2.,  0.]]), True)
     """
     centred = x.sub_(x.amax(-1, keepdim=True))
     floor = _exp_floor(x.dtype)
     exp = (centred.clamp(min=floor) if out is None else torch.clamp(centred, min=floor, out=out)).exp_()
-    total = exp.sum(-1, keepdim=True)
-    return exp.div_(total), total.log_()
+    return exp, exp.sum(-1, keepdim=True)
 
 
 def _finite_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) -> Tensor | None:
@@ -249,20 +248,21 @@ def _finite_block_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: slice) ->
     with ``q - p`` written into ``grad[block]``; None (``grad[block]`` written all the same) when the
     result is not finite.
 
-    With the logits centred on their row maximum (:func:`_centred_softmax_`), :math:`\log p_c = \bar u_c -
-    \log Z_p` and :math:`\mathrm{KL} = \sum_c p_c (\bar u_c - \bar s_c) + \log Z_q - \log Z_p`: one
-    exponential per side in place of two ``log_softmax`` and the NaN guards. The logits are centred
-    before they are subtracted, so a student whose logits are the teacher's plus a constant comes out as
-    exactly as by ``log_softmax``. Exact wherever every term is finite; a ruled-out class
+    With the logits centred on their row maximum (:func:`_centred_exp_`), :math:`\log p_c = \bar u_c -
+    \log Z_p` and :math:`\mathrm{KL} = \sum_c e^{\bar u_c} (\bar u_c - \bar s_c) / Z_p + \log Z_q -
+    \log Z_p`: one exponential per side in place of two ``log_softmax`` and the NaN guards. The logits
+    are centred before they are subtracted, so a student whose logits are the teacher's plus a constant
+    comes out as exactly as by ``log_softmax``. Exact wherever every term is finite; a ruled-out class
     (``0 · (-inf)``), a NaN or an overflow makes its row NaN or inf instead."""
     q_in_grad = grad is not None and grad.dtype == s.dtype
-    q, log_zq = _centred_softmax_(s, grad[block] if q_in_grad else None)
-    p, log_zp = _centred_softmax_(u)
-    if q_in_grad:
-        q.sub_(p)
-    elif grad is not None:
-        grad[block] = q.sub_(p)
-    row_kl = row_dot(u.sub_(s), p, overwrite=True).add_(log_zq.sub_(log_zp).squeeze(-1))
+    exp_q, z_q = _centred_exp_(s, grad[block] if q_in_grad else None)
+    exp_p, z_p = _centred_exp_(u)
+    row_kl = row_dot(u.sub_(s), exp_p, overwrite=True).div_(z_p.squeeze(-1))
+    row_kl.add_(z_q.div(z_p).log_().squeeze(-1))
+    if grad is not None:  # q - p = exp_q / Z_q - exp_p / Z_p
+        difference = exp_q.div_(z_q).addcmul_(exp_p, z_p.reciprocal(), value=-1.0)
+        if not q_in_grad:
+            grad[block] = difference
     return row_kl if math.isfinite(float(row_kl.sum())) else None
 
 
@@ -287,14 +287,15 @@ def _finite_block_reverse_kl(s: Tensor, u: Tensor, grad: Tensor | None, block: s
     with its gradient :math:`q \odot (d - \sum_c q_c d_c)` written into ``grad[block]``; None when the
     result is not finite.
 
-    With the centred logits of :func:`_centred_softmax_` and :math:`d = \bar s - \bar u`,
+    With the centred logits of :func:`_centred_exp_` and :math:`d = \bar s - \bar u`,
     :math:`\log q - \log p = d - \log Z_q + \log Z_p`, so
     :math:`\mathrm{KL}(q\|p) = \sum_c q_c d_c + \log Z_p - \log Z_q`."""
-    q, log_zq = _centred_softmax_(s)
-    _, log_zp = _centred_softmax_(u)
+    exp_q, z_q = _centred_exp_(s)
+    q = exp_q.div_(z_q)
+    _, z_p = _centred_exp_(u)
     shifted_log_ratio = s.sub_(u)
     expected = row_dot(q, shifted_log_ratio)
-    row_kl = expected + log_zp.sub_(log_zq).squeeze(-1)
+    row_kl = expected + z_p.div_(z_q).log_().squeeze(-1)
     if not math.isfinite(float(row_kl.sum())):
         return None
     if grad is not None:
@@ -308,15 +309,16 @@ def _finite_block_jsd(
     r"""The generalized JSD of each row of a block (``s, u`` consumed), its gradient
     :math:`(1-\beta)\,q \odot (g - \sum_c q_c g_c)`, :math:`g = \log q - \log M`, written into
     ``grad[block]``; None when the result is not finite. With the exact :math:`\log q = \bar s -
-    \log Z_q` (and :math:`\log p` alike, :func:`_centred_softmax_`) and
+    \log Z_q` (and :math:`\log p` alike, :func:`_centred_exp_`) and
     :math:`\log M = \operatorname{logaddexp}(\log\beta + \log p, \log(1-\beta) + \log q)`:
     :math:`D = \beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M)`."""
-    q, log_zq = _centred_softmax_(s)
-    p, log_zp = _centred_softmax_(u)
-    log_q, log_p = s.sub_(log_zq), u.sub_(log_zp)
+    exp_q, z_q = _centred_exp_(s)
+    q = exp_q.div_(z_q)
+    exp_p, z_p = _centred_exp_(u)
+    log_q, log_p = s.sub_(z_q.log()), u.sub_(z_p.log())
     log_m = torch.add(log_p, math.log(beta))
     torch.logaddexp(log_m, log_q + math.log1p(-beta), out=log_m)
-    kl_pm = row_dot(log_p.sub_(log_m), p, overwrite=True)
+    kl_pm = row_dot(log_p.sub_(log_m), exp_p, overwrite=True).div_(z_p.squeeze(-1))
     g = log_q.sub_(log_m)
     kl_qm = row_dot(g, q)
     row_jsd = kl_pm.mul_(beta).add_(kl_qm, alpha=1.0 - beta)
