@@ -206,7 +206,8 @@ def _finite_distillation_chunk(
     ``log_softmax`` and no NaN guards. Exact where every term is finite; returns None when a row's
     divergence is not (``-inf`` or NaN logits, an overflow), having consumed both buffers: the caller
     recomputes them for :func:`_distillation_chunk`. Three ``[c, V]`` tensors (the two logits and the
-    gradient) and, with a target, a block of ``softmax(z)``."""
+    gradient) and, with a target, a block of ``softmax(z)`` (its exponents floored at :func:`exp_floor`,
+    as the divergence's are)."""
     rows, vocab = logits.shape
     inv_t = 1.0 / temperature
     with_ce = target is not None
@@ -220,12 +221,14 @@ def _finite_distillation_chunk(
     ce_buffer = None
     for block in row_blocks(rows, vocab, logits.device):
         s, u = logits[block], teacher_logits[block]
-        if with_ce:  # from the unsoftened logits, before the divergence consumes them
-            lse_z[block] = torch.logsumexp(s, 1)
-            if ce_grad:
-                if ce_buffer is None:
-                    ce_buffer = torch.empty_like(s)
-                ce_probs = torch.softmax(s, 1, out=ce_buffer[: s.shape[0]])
+        if with_ce:  # from the unsoftened logits, before the divergence consumes them; floored as its
+            top = s.amax(1, keepdim=True)  # exponents (a subnormal exp is ~100x slower, see exp_floor)
+            if ce_buffer is None:
+                ce_buffer = torch.empty_like(s)
+            exp_z = torch.sub(s, top, out=ce_buffer[: s.shape[0]]).clamp_(min=exp_floor(s.dtype)).exp_()
+            total = exp_z.sum(1, keepdim=True)
+            lse_z[block] = top.add_(total.log()).squeeze(1)
+            ce_probs = exp_z.div_(total)
         if temperature != 1.0:
             s.mul_(inv_t)
             u.mul_(inv_t)

@@ -701,3 +701,26 @@ def test_cross_entropy_of_confident_logits_equals_unfused():
     reference = value_and_grads(lambda: reference_ce(hd, wd, target), [hd, wd])
     for name, a, e in zip(["loss", "hidden", "weight"], fused, reference, strict=True):
         assert_close_rel(a.double(), e, 1e-5, msg=name)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+def test_distillation_of_confident_logits_equals_unfused(direction):
+    """The student's logits of standard deviation ~30, with a target: the divergence's and the CE term's
+    exponents floored in the finite chunks; terms and gradients equal the fp64 unfused path's."""
+    g = torch.Generator().manual_seed(17)
+    h, w = torch.randn(40, 8, generator=g), 10 * torch.randn(300, 8, generator=g)
+    ht, wt = torch.randn(40, 5, generator=g), torch.randn(300, 5, generator=g)
+    target = torch.randint(0, 300, (40,), generator=g)
+    logits = F.linear(h, w)
+    assert (logits - logits.amax(-1, keepdim=True) < -87).float().mean() > 0.25
+    h, w = h.requires_grad_(), w.requires_grad_()
+    options = {"temperature": 1.0, "alpha": 0.4, "direction": direction, "beta": 0.3}
+    fused = fused_linear_distillation(h, w, ht, wt, target, chunk_size=16, **options)
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    unfused = distillation_loss(F.linear(hd, wd), F.linear(ht.double(), wt.double()), target, **options)
+    assert_close_rel(fused.kl_loss.double(), unfused.kl_loss, 1e-5)
+    assert_close_rel(fused.task_loss.double(), unfused.task_loss, 1e-5)
+    fused_grads = value_and_grads(lambda: fused.loss, [h, w])
+    unfused_grads = value_and_grads(lambda: unfused.loss, [hd, wd])
+    for name, a, e in zip(["loss", "hidden", "weight"], fused_grads, unfused_grads, strict=True):
+        assert_close_rel(a.double(), e, 1e-5, msg=name)
