@@ -13,7 +13,6 @@ from lightning_losses.binding import callable_signature
 from lightning_losses.functional.adversarial import adversarial_loss, check_attack_options, normal_tensor
 from lightning_losses.functional.cross_entropy import row_argmax
 from lightning_losses.protocol import LossFunction, LossOutput, split_output
-from lightning_losses.reduction import divide_by_count
 from lightning_losses.registry import build_loss, register_loss
 
 __all__ = ["AdversarialLoss"]
@@ -188,9 +187,10 @@ class AdversarialLoss(LossFunction):
                 and not target.is_floating_point()
                 and target.shape == clean_out.shape[:1]
             ):
+                # both accuracies from one [2, N] comparison: each op here is a few µs of a small step
                 valid = target >= 0 if mask is None else (mask != 0) & (target >= 0)
-                valid = valid.to(loss.dtype)
-                for key, out in (("clean_accuracy", clean_out), ("adversarial_accuracy", adv_out)):
-                    correct = (row_argmax(out.detach()) == target).to(loss.dtype) * valid
-                    metrics[key] = divide_by_count(correct.sum(), valid.sum())
+                predicted = torch.stack((row_argmax(clean_out.detach()), row_argmax(adv_out.detach())))
+                hits = ((predicted == target) & valid).count_nonzero(dim=1).to(loss.dtype)
+                accuracy = hits / valid.count_nonzero().clamp_min(1)
+                metrics["clean_accuracy"], metrics["adversarial_accuracy"] = accuracy.unbind()
         return LossOutput(loss, metrics)

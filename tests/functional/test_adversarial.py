@@ -262,6 +262,25 @@ def test_module_builds_any_base_loss_and_reports_metrics():
     torch.testing.assert_close(loss_fn(model, x, y, logits=logits).loss, loss)
 
 
+def test_accuracies_count_only_valid_rows_of_each_output():
+    torch.manual_seed(0)
+    model, x = nn.Linear(5, 3), torch.rand(12, 5)
+    y = torch.randint(0, 3, (12,))
+    y[2] = -100  # ignored target
+    mask = torch.ones(12)
+    mask[[4, 7]] = 0.0
+    _, metrics = AdversarialLoss(epsilon=1.0, num_steps=2)(model, x, y, mask=mask)
+    adversarial = pgd_attack(
+        lambda z: F.cross_entropy(model(z), y, reduction="none")[mask > 0].mean(), x, 1.0, 2
+    )
+    counted = [i for i in range(12) if y[i] >= 0 and mask[i] != 0]
+    for key, inputs in (("clean_accuracy", x), ("adversarial_accuracy", adversarial)):
+        predictions = model(inputs).argmax(-1).tolist()
+        expected = sum(predictions[i] == y[i] for i in counted) / len(counted)
+        assert metrics[key].item() == pytest.approx(expected)
+    assert metrics["adversarial_accuracy"] < metrics["clean_accuracy"]
+
+
 def test_global_count_makes_micro_batches_add_up():
     torch.manual_seed(0)
     model, x, y = nn.Linear(5, 3).double(), torch.rand(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
