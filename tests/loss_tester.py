@@ -8,6 +8,8 @@ The common checks, run for every entry of ``option_sets``:
 - an all-masked input (``mask_input``) gives exactly 0 and a zero gradient;
 - the module returns ``LossOutput`` equal to the functional, with detached 0-dim metrics;
 - the loss's config in ``configs/`` (``config``) parses with ``--print_config``;
+- on ``meta`` tensors (no data): a forward, backward and metric update make no host read, the paths
+  an accelerator takes;
 - on CUDA (skipped without it): a forward, backward and metric update make no host-device sync
   (``torch.cuda.set_sync_debug_mode("error")``), and the functional with fp32 and bf16 inputs gives the
   CPU's fp32 loss and gradients.
@@ -36,8 +38,12 @@ def cast_floating(inputs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def _to_device(value: Any, device: str) -> Any:
+    return value.to(device) if isinstance(value, (Tensor, nn.Module)) else value
+
+
 def _to_cuda(value: Any) -> Any:
-    return value.cuda() if isinstance(value, (Tensor, nn.Module)) else value
+    return _to_device(value, "cuda")
 
 
 def loss_of(output: Any) -> Tensor:
@@ -142,6 +148,30 @@ class LossTester:
             assert output.loss.ndim == 0
             for key, value in output.metrics.items():
                 assert isinstance(value, Tensor) and value.ndim == 0 and not value.requires_grad, key
+
+    def test_no_host_read_off_the_cpu(self):
+        """Forward, backward and the metric aggregation on ``meta`` tensors, which hold no data: any host
+        read (``.item()``, ``float``/``bool`` of a tensor, ``nonzero``, boolean indexing, a copy to the
+        CPU) raises. It takes the paths an accelerator takes (no CPU value checks, no finite-form host
+        reads), so it checks on every machine what ``test_no_host_sync_on_cuda`` checks on a GPU, except
+        host-to-device copies, which meta tensors allow."""
+        from lightning_losses import MetricAggregator
+
+        for index, options in enumerate(self.option_sets):
+            made = self.make_inputs(torch.float32, seed=index)
+            inputs = {k: _to_device(v, "meta") for k, v in made.items()}
+            for name in self.grad_inputs:
+                if name in inputs:
+                    inputs[name] = inputs[name].detach().requires_grad_()
+            module = self.build_module(options).to("meta")
+            loss, metrics = module(**self.module_inputs(module, inputs))
+            assert loss.is_meta and loss.ndim == 0, options
+            if loss.requires_grad:
+                loss.backward()
+                for name in self.grad_inputs:
+                    if name in inputs and inputs[name].grad is not None:
+                        assert inputs[name].grad.shape == inputs[name].shape, (name, options)
+            MetricAggregator().to("meta").update(metrics, 8)
 
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
     def test_no_host_sync_on_cuda(self):

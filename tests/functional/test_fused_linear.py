@@ -656,6 +656,28 @@ def test_module_ids_never_scored_are_not_checked():
         FusedLinearDistillationLoss()(hidden, weight, torch.randn(2, 4, 3), torch.randn(6, 3))
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
+def test_modules_make_no_host_read_off_the_cpu(direction):
+    """Both modules on ``meta`` tensors (no data: a host read raises), the chunked path an accelerator
+    takes: forward, backward (gradients of the input shapes) and metrics."""
+    h, w, ids, mask = make_lm_batch(dtype=torch.float32)
+    ht, wt = torch.randn(3, 7, 4), torch.randn(13, 4)
+    cases = [
+        (FusedLinearCrossEntropyLoss(chunk_size=4, label_smoothing=0.1), (h, w), (ids, mask)),
+        (
+            FusedLinearDistillationLoss(chunk_size=5, alpha=0.4, temperature=2.0, direction=direction),
+            (h, w),
+            (ht, wt, ids, mask),
+        ),
+    ]
+    for loss_fn, (hidden, weight), rest in cases:
+        leaves = [t.detach().to("meta").requires_grad_() for t in (hidden, weight)]
+        output = loss_fn(*leaves, *(t.to("meta") for t in rest))
+        output.loss.backward()
+        assert output.loss.is_meta and set(output.metrics) >= {"loss"}
+        assert [t.grad.shape for t in leaves] == [t.shape for t in leaves]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_modules_on_cuda_match_cpu_without_host_sync(dtype):
