@@ -1,0 +1,49 @@
+"""``LossModule.training_step`` on ``meta`` tensors (no data: any host read raises), the path a GPU step
+takes: batch binding, the global counts, the loss, the non-finite bookkeeping and the epoch-mean
+objects' updates (Lightning's own ``self.log`` needs a Trainer and is left to ``tests/test_cuda.py``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_losses import LossModule
+from lightning_losses.examples.models import MLP
+from lightning_losses.losses.cross_entropy import CrossEntropyLoss
+from lightning_losses.losses.nll import NLLLoss
+from tests.helpers import TinyLM, TokenRegressor, TokenSquaredError, token_shards
+
+
+def _classifier_batch() -> dict[str, torch.Tensor]:
+    return {"inputs": torch.rand(6, 8), "target": torch.randint(0, 3, (6,))}
+
+
+def _lm_batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 7, (2, 5))
+    return {"input_ids": ids, "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+
+
+CASES = {
+    "classifier": (lambda: MLP(8, 3, hidden=(16,)), CrossEntropyLoss, _classifier_batch),
+    "token_level": (TokenRegressor, TokenSquaredError, lambda: token_shards(torch.float32)[0]),
+    "next_token": (TinyLM, NLLLoss, _lm_batch),
+}
+
+
+@pytest.mark.parametrize("nan_policy", ["raise", "skip"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_training_step_makes_no_host_read_off_the_cpu(case, nan_policy):
+    make_model, make_loss, make_batch = CASES[case]
+    module = LossModule(make_model(), make_loss(), nan_policy=nan_policy).to("meta")
+    batch = {k: v.to("meta") for k, v in make_batch().items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.trainer` reference is not registered.*")
+        loss = module.training_step(batch, 0)
+    assert loss.is_meta and loss.ndim == 0 and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in module.model.parameters())
+    # the epoch means were updated, on the module's device (a state made on the CPU would be a copy)
+    means = list(module.loss_logger.train_metrics.children())
+    assert means and all(m.update_count == 1 and m.total.is_meta and m.weight.is_meta for m in means)
