@@ -149,7 +149,8 @@ class LossTester:
             for key, value in output.metrics.items():
                 assert isinstance(value, Tensor) and value.ndim == 0 and not value.requires_grad, key
 
-    def test_no_host_read_off_the_cpu(self):
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+    def test_no_host_read_off_the_cpu(self, dtype):
         """Forward, backward and the metric aggregation on ``meta`` tensors, which hold no data: any host
         read (``.item()``, ``float``/``bool`` of a tensor, ``nonzero``, boolean indexing, a copy to the
         CPU) raises. It takes the paths an accelerator takes (no CPU value checks, no finite-form host
@@ -158,14 +159,14 @@ class LossTester:
         from lightning_losses import MetricAggregator
 
         for index, options in enumerate(self.option_sets):
-            made = self.make_inputs(torch.float32, seed=index)
+            made = cast_floating(self.make_inputs(torch.float32, seed=index), dtype)
             inputs = {k: _to_device(v, "meta") for k, v in made.items()}
             for name in self.grad_inputs:
                 if name in inputs:
                     inputs[name] = inputs[name].detach().requires_grad_()
             module = self.build_module(options).to("meta")
             loss, metrics = module(**self.module_inputs(module, inputs))
-            assert loss.is_meta and loss.ndim == 0, options
+            assert loss.is_meta and loss.ndim == 0 and loss.dtype == torch.float32, options
             if loss.requires_grad:
                 loss.backward()
                 for name in self.grad_inputs:

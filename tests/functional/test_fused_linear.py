@@ -656,8 +656,9 @@ def test_module_ids_never_scored_are_not_checked():
         FusedLinearDistillationLoss()(hidden, weight, torch.randn(2, 4, 3), torch.randn(6, 3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
-def test_modules_make_no_host_read_off_the_cpu(direction):
+def test_modules_make_no_host_read_off_the_cpu(direction, dtype):
     """Both modules on ``meta`` tensors (no data: a host read raises), the chunked path an accelerator
     takes: forward, backward (gradients of the input shapes) and metrics."""
     h, w, ids, mask = make_lm_batch(dtype=torch.float32)
@@ -671,10 +672,12 @@ def test_modules_make_no_host_read_off_the_cpu(direction):
         ),
     ]
     for loss_fn, (hidden, weight), rest in cases:
-        leaves = [t.detach().to("meta").requires_grad_() for t in (hidden, weight)]
-        output = loss_fn(*leaves, *(t.to("meta") for t in rest))
+        leaves = [t.detach().to("meta", dtype).requires_grad_() for t in (hidden, weight)]
+        output = loss_fn(
+            *leaves, *(t.to("meta", dtype) if t.is_floating_point() else t.to("meta") for t in rest)
+        )
         output.loss.backward()
-        assert output.loss.is_meta and set(output.metrics) >= {"loss"}
+        assert output.loss.is_meta and output.loss.dtype == torch.float32 and set(output.metrics) >= {"loss"}
         assert [t.grad.shape for t in leaves] == [t.shape for t in leaves]
 
 
