@@ -2,15 +2,78 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader
 
 from lightning_losses import LossFunction, LossOutput, LossType
+
+_COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+
+
+class _CopiesToMeta(TorchDispatchMode):
+    """Raise on an op that moves CPU data to ``meta``: an explicit copy (``.to``, ``copy_``) of a CPU
+    tensor, or a CPU tensor of one or more dimensions (an index) taken into a result on ``meta``. 0-dim
+    CPU tensors in other ops are wrapped scalars (no copy)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        results = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        copies = func in _COPIES
+        if any(t.is_meta for t in results) and any(
+            t.device.type == "cpu" and (copies or t.ndim > 0) for t in inputs
+        ):
+            described = ", ".join(f"{t.device}{tuple(t.shape)}" for t in inputs)
+            raise RuntimeError(f"CPU data moved to the device by {func}: inputs {described}")
+        return out
+
+
+class _DataToDevice(TorchFunctionMode):
+    """Raise on ``torch.tensor`` / ``torch.as_tensor`` of Python data (not an empty list: nothing to copy)
+    on a device other than the CPU."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        data = args[0] if args else kwargs.get("data")
+        empty = isinstance(data, (list, tuple)) and len(data) == 0  # torch.get_default_device's probe
+        if func in (torch.tensor, torch.as_tensor) and not isinstance(data, Tensor) and not empty:
+            device = kwargs.get("device", args[2] if func is torch.as_tensor and len(args) > 2 else None)
+            if device is not None and torch.device(device).type != "cpu":
+                raise RuntimeError(f"torch.{func.__name__} of Python data on {device}: a host-to-device copy")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def no_host_to_device() -> Iterator[None]:
+    """Raise where CPU data would be copied to ``meta`` tensors: ``.to`` or ``copy_`` of a CPU tensor, a
+    CPU index tensor, ``torch.tensor(data, device=...)``. On CUDA each is a host-to-device copy, a sync;
+    with ``meta`` tensors, which raise on host reads, this is the CPU's proxy of
+    ``torch.cuda.set_sync_debug_mode("error")``.
+
+    >>> with no_host_to_device():
+    ...     torch.ones(3, device="meta")[torch.tensor([0, 2])]
+    Traceback (most recent call last):
+    ...
+    RuntimeError: CPU data moved to the device by aten.index.Tensor: inputs meta(3,), cpu(2,)
+    >>> with no_host_to_device():
+    ...     torch.tensor(1.0, device="meta")
+    Traceback (most recent call last):
+    ...
+    RuntimeError: torch.tensor of Python data on meta: a host-to-device copy
+    """
+    with _DataToDevice(), _CopiesToMeta():
+        yield
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_losses import LossOutput
+from tests.helpers import no_host_to_device
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -153,9 +154,9 @@ class LossTester:
     def test_no_host_read_off_the_cpu(self, dtype):
         """Forward, backward and the metric aggregation on ``meta`` tensors, which hold no data: any host
         read (``.item()``, ``float``/``bool`` of a tensor, ``nonzero``, boolean indexing, a copy to the
-        CPU) raises. It takes the paths an accelerator takes (no CPU value checks, no finite-form host
-        reads), so it checks on every machine what ``test_no_host_sync_on_cuda`` checks on a GPU, except
-        host-to-device copies, which meta tensors allow."""
+        CPU) raises, and so does CPU data moved to them, under :func:`~tests.helpers.no_host_to_device`. It
+        takes the paths an accelerator takes (no CPU value checks, no finite-form host reads), so it checks
+        on every machine what ``test_no_host_sync_on_cuda`` checks on a GPU."""
         from lightning_losses import MetricAggregator
 
         for index, options in enumerate(self.option_sets):
@@ -165,14 +166,16 @@ class LossTester:
                 if name in inputs:
                     inputs[name] = inputs[name].detach().requires_grad_()
             module = self.build_module(options).to("meta")
-            loss, metrics = module(**self.module_inputs(module, inputs))
+            aggregator = MetricAggregator().to("meta")
+            with no_host_to_device():
+                loss, metrics = module(**self.module_inputs(module, inputs))
+                if loss.requires_grad:
+                    loss.backward()
+                aggregator.update(metrics, 8)
             assert loss.is_meta and loss.ndim == 0 and loss.dtype == torch.float32, options
-            if loss.requires_grad:
-                loss.backward()
-                for name in self.grad_inputs:
-                    if name in inputs and inputs[name].grad is not None:
-                        assert inputs[name].grad.shape == inputs[name].shape, (name, options)
-            MetricAggregator().to("meta").update(metrics, 8)
+            for name in self.grad_inputs:
+                if name in inputs and inputs[name].grad is not None:
+                    assert inputs[name].grad.shape == inputs[name].shape, (name, options)
 
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
     def test_no_host_sync_on_cuda(self):

@@ -1,6 +1,7 @@
-"""``LossModule.training_step`` on ``meta`` tensors (no data: any host read raises), the path a GPU step
-takes: batch binding, the global counts, the loss, the non-finite bookkeeping and the epoch-mean
-objects' updates (Lightning's own ``self.log`` needs a Trainer and is left to ``tests/test_cuda.py``)."""
+"""``LossModule.training_step`` on ``meta`` tensors (no data: any host read raises; so does CPU data moved
+to them, under ``no_host_to_device``), the path a GPU step takes: batch binding, the global counts, the
+loss, the non-finite bookkeeping and the epoch-mean objects' updates (Lightning's own ``self.log`` needs a
+Trainer and is left to ``tests/test_cuda.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from lightning_losses import LossModule
 from lightning_losses.examples.models import MLP
 from lightning_losses.losses.cross_entropy import CrossEntropyLoss
 from lightning_losses.losses.nll import NLLLoss
-from tests.helpers import TinyLM, TokenRegressor, TokenSquaredError, token_shards
+from tests.helpers import TinyLM, TokenRegressor, TokenSquaredError, no_host_to_device, token_shards
 
 
 def _classifier_batch() -> dict[str, torch.Tensor]:
@@ -38,11 +39,11 @@ def test_training_step_makes_no_host_read_off_the_cpu(case, nan_policy):
     make_model, make_loss, make_batch = CASES[case]
     module = LossModule(make_model(), make_loss(), nan_policy=nan_policy).to("meta")
     batch = {k: v.to("meta") for k, v in make_batch().items()}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), no_host_to_device():
         warnings.filterwarnings("ignore", message=".*self.trainer` reference is not registered.*")
         loss = module.training_step(batch, 0)
+        loss.backward()
     assert loss.is_meta and loss.ndim == 0 and loss.requires_grad
-    loss.backward()
     assert all(p.grad is not None and p.grad.is_meta for p in module.model.parameters())
     # the epoch means were updated, on the module's device (a state made on the CPU would be a copy)
     means = list(module.loss_logger.train_metrics.children())

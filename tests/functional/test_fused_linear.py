@@ -27,7 +27,7 @@ from lightning_losses.losses.fused_linear import FusedLinearCrossEntropyLoss, Fu
 from lightning_losses.losses.nll import NLLLoss
 from lightning_losses.registry import build_loss
 from tests.functional.test_distillation import reference_divergence_fp64
-from tests.helpers import quiet_trainer
+from tests.helpers import no_host_to_device, quiet_trainer
 
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -659,8 +659,8 @@ def test_module_ids_never_scored_are_not_checked():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("direction", ["forward", "reverse", "jsd"])
 def test_modules_make_no_host_read_off_the_cpu(direction, dtype):
-    """Both modules on ``meta`` tensors (no data: a host read raises), the chunked path an accelerator
-    takes: forward, backward (gradients of the input shapes) and metrics."""
+    """Both modules on ``meta`` tensors (no data: a host read raises; so does CPU data moved to them, under
+    ``no_host_to_device``), the chunked path an accelerator takes: forward, backward and metrics."""
     h, w, ids, mask = make_lm_batch(dtype=torch.float32)
     ht, wt = torch.randn(3, 7, 4), torch.randn(13, 4)
     cases = [
@@ -673,10 +673,10 @@ def test_modules_make_no_host_read_off_the_cpu(direction, dtype):
     ]
     for loss_fn, (hidden, weight), rest in cases:
         leaves = [t.detach().to("meta", dtype).requires_grad_() for t in (hidden, weight)]
-        output = loss_fn(
-            *leaves, *(t.to("meta", dtype) if t.is_floating_point() else t.to("meta") for t in rest)
-        )
-        output.loss.backward()
+        on_meta = [t.to("meta", dtype) if t.is_floating_point() else t.to("meta") for t in rest]
+        with no_host_to_device():
+            output = loss_fn(*leaves, *on_meta)
+            output.loss.backward()
         assert output.loss.is_meta and output.loss.dtype == torch.float32 and set(output.metrics) >= {"loss"}
         assert [t.grad.shape for t in leaves] == [t.shape for t in leaves]
 
