@@ -9,12 +9,15 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 from lightning_losses import LossModule
+from lightning_losses.cli import build_cli
 from lightning_losses.examples.models import MLP
 from lightning_losses.losses.cross_entropy import CrossEntropyLoss
 from lightning_losses.losses.nll import NLLLoss
 from tests.helpers import TinyLM, TokenRegressor, TokenSquaredError, no_host_to_device, token_shards
+from tests.reliability.test_bf16_configs import CONFIGS, PREREQUISITES
 
 
 def _classifier_batch() -> dict[str, torch.Tensor]:
@@ -48,3 +51,28 @@ def test_training_step_makes_no_host_read_off_the_cpu(case, nan_policy):
     # the epoch means were updated, on the module's device (a state made on the CPU would be a copy)
     means = list(module.loss_logger.train_metrics.children())
     assert means and all(m.update_count == 1 and m.total.is_meta and m.weight.is_meta for m in means)
+
+
+# rollout data (the policy acts in CartPole or on digits to make its batches) needs values
+ROLLOUT_CONFIGS = {"cartpole_actor_critic", "digits_policy_gradient"}
+META_CONFIGS = sorted(
+    p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in PREREQUISITES and p.stem not in ROLLOUT_CONFIGS
+)
+
+
+@pytest.mark.parametrize("name", META_CONFIGS)
+def test_config_training_step_makes_no_host_read_off_the_cpu(name):
+    """Each config's module (task metrics included) and one batch of its data, on ``meta``: the step
+    and its backward. The configs that load a checkpoint are left to ``tests/test_cuda.py``."""
+    cli = build_cli(["--config", str(CONFIGS / f"{name}.yaml"), "--trainer.logger=false"], run=False)
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("fit")
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    module = cli.model.to("meta")
+    batch = tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, batch)
+    with warnings.catch_warnings(), no_host_to_device():
+        warnings.filterwarnings("ignore", message=".*self.trainer` reference is not registered.*")
+        loss = module.training_step(batch, 0)
+        loss.backward()
+    assert loss.is_meta and loss.ndim == 0
+    assert any(p.grad is not None for p in module.parameters())
