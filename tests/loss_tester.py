@@ -8,8 +8,8 @@ The common checks, run for every entry of ``option_sets``:
 - an all-masked input (``mask_input``) gives exactly 0 and a zero gradient;
 - the module returns ``LossOutput`` equal to the functional, with detached 0-dim metrics;
 - the loss's config in ``configs/`` (``config``) parses with ``--print_config``;
-- on ``meta`` tensors (no data): a forward, backward and metric update make no host read, the paths
-  an accelerator takes;
+- on ``meta`` tensors (no data), the paths an accelerator takes: a forward, backward and metric update
+  make no host read and move no CPU data to the device (``tests.helpers.no_host_to_device``);
 - on CUDA (skipped without it): a forward, backward and metric update make no host-device sync
   (``torch.cuda.set_sync_debug_mode("error")``), and the functional with fp32 and bf16 inputs gives the
   CPU's fp32 loss and gradients.

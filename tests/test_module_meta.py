@@ -29,6 +29,18 @@ def _lm_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones(2, 5, dtype=torch.long)}
 
 
+def _meta_step(module: LossModule, batch: object) -> torch.Tensor:
+    """``module`` and ``batch`` moved to ``meta``, then one training step and its backward there."""
+    module.to("meta")
+    batch = tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, batch)
+    with warnings.catch_warnings(), no_host_to_device():
+        warnings.filterwarnings("ignore", message=".*self.trainer` reference is not registered.*")
+        loss = module.training_step(batch, 0)
+        loss.backward()
+    assert loss.is_meta and loss.ndim == 0
+    return loss
+
+
 CASES = {
     "classifier": (lambda: MLP(8, 3, hidden=(16,)), CrossEntropyLoss, _classifier_batch),
     "token_level": (TokenRegressor, TokenSquaredError, lambda: token_shards(torch.float32)[0]),
@@ -40,13 +52,9 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_training_step_makes_no_host_read_off_the_cpu(case, nan_policy):
     make_model, make_loss, make_batch = CASES[case]
-    module = LossModule(make_model(), make_loss(), nan_policy=nan_policy).to("meta")
-    batch = {k: v.to("meta") for k, v in make_batch().items()}
-    with warnings.catch_warnings(), no_host_to_device():
-        warnings.filterwarnings("ignore", message=".*self.trainer` reference is not registered.*")
-        loss = module.training_step(batch, 0)
-        loss.backward()
-    assert loss.is_meta and loss.ndim == 0 and loss.requires_grad
+    module = LossModule(make_model(), make_loss(), nan_policy=nan_policy)
+    loss = _meta_step(module, make_batch())
+    assert loss.requires_grad
     assert all(p.grad is not None and p.grad.is_meta for p in module.model.parameters())
     # the epoch means were updated, on the module's device (a state made on the CPU would be a copy)
     means = list(module.loss_logger.train_metrics.children())
@@ -67,12 +75,5 @@ def test_config_training_step_makes_no_host_read_off_the_cpu(name):
     cli = build_cli(["--config", str(CONFIGS / f"{name}.yaml"), "--trainer.logger=false"], run=False)
     cli.datamodule.prepare_data()
     cli.datamodule.setup("fit")
-    batch = next(iter(cli.datamodule.train_dataloader()))
-    module = cli.model.to("meta")
-    batch = tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, batch)
-    with warnings.catch_warnings(), no_host_to_device():
-        warnings.filterwarnings("ignore", message=".*self.trainer` reference is not registered.*")
-        loss = module.training_step(batch, 0)
-        loss.backward()
-    assert loss.is_meta and loss.ndim == 0
-    assert any(p.grad is not None for p in module.parameters())
+    _meta_step(cli.model, next(iter(cli.datamodule.train_dataloader())))
+    assert any(p.grad is not None for p in cli.model.parameters())
