@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,6 +45,17 @@ def _to_device(value: Any, device: str) -> Any:
 
 def _to_cuda(value: Any) -> Any:
     return _to_device(value, "cuda")
+
+
+@contextlib.contextmanager
+def _cuda_syncs_raise() -> Iterator[None]:
+    """A host-device sync inside raises (``torch.cuda.set_sync_debug_mode("error")``)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def loss_of(output: Any) -> Tensor:
@@ -150,6 +161,28 @@ class LossTester:
             for key, value in output.metrics.items():
                 assert isinstance(value, Tensor) and value.ndim == 0 and not value.requires_grad, key
 
+    def _guarded_steps(
+        self, device: str, dtype: torch.dtype, guard: Callable[[], contextlib.AbstractContextManager]
+    ) -> Iterator[tuple[dict[str, Any], Tensor, dict[str, Any]]]:
+        """Per option set, the module's forward, backward and metric aggregation on ``device`` inside
+        ``guard()``; yields ``(options, loss, inputs)``."""
+        from lightning_losses import MetricAggregator
+
+        for index, options in enumerate(self.option_sets):
+            made = cast_floating(self.make_inputs(torch.float32, seed=index), dtype)
+            inputs = {k: _to_device(v, device) for k, v in made.items()}
+            for name in self.grad_inputs:
+                if name in inputs:
+                    inputs[name] = inputs[name].detach().requires_grad_()
+            module = self.build_module(options).to(device)
+            aggregator = MetricAggregator()
+            with guard():
+                loss, metrics = module(**self.module_inputs(module, inputs))
+                if loss.requires_grad:
+                    loss.backward()
+                aggregator.update(metrics, 8)
+            yield options, loss, inputs
+
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
     def test_no_host_read_off_the_cpu(self, dtype):
         """Forward, backward and the metric aggregation on ``meta`` tensors, which hold no data: any host
@@ -157,21 +190,7 @@ class LossTester:
         CPU) raises, and so does CPU data moved to them, under :func:`~tests.helpers.no_host_to_device`. It
         takes the paths an accelerator takes (no CPU value checks, no finite-form host reads), so it checks
         on every machine what ``test_no_host_sync_on_cuda`` checks on a GPU."""
-        from lightning_losses import MetricAggregator
-
-        for index, options in enumerate(self.option_sets):
-            made = cast_floating(self.make_inputs(torch.float32, seed=index), dtype)
-            inputs = {k: _to_device(v, "meta") for k, v in made.items()}
-            for name in self.grad_inputs:
-                if name in inputs:
-                    inputs[name] = inputs[name].detach().requires_grad_()
-            module = self.build_module(options).to("meta")
-            aggregator = MetricAggregator().to("meta")
-            with no_host_to_device():
-                loss, metrics = module(**self.module_inputs(module, inputs))
-                if loss.requires_grad:
-                    loss.backward()
-                aggregator.update(metrics, 8)
+        for options, loss, inputs in self._guarded_steps("meta", dtype, no_host_to_device):
             assert loss.is_meta and loss.ndim == 0 and loss.dtype == torch.float32, options
             for name in self.grad_inputs:
                 if name in inputs and inputs[name].grad is not None:
@@ -180,24 +199,8 @@ class LossTester:
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
     def test_no_host_sync_on_cuda(self):
         """Forward, backward and the metric aggregation of a step make no host-device sync."""
-        from lightning_losses import MetricAggregator
-
-        for index, options in enumerate(self.option_sets):
-            inputs = {k: _to_cuda(v) for k, v in self.make_inputs(torch.float32, seed=index).items()}
-            for name in self.grad_inputs:
-                if name in inputs:
-                    inputs[name] = inputs[name].detach().requires_grad_()
-            module = self.build_module(options).cuda()
-            aggregator = MetricAggregator()
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                loss, metrics = module(**self.module_inputs(module, inputs))
-                if loss.requires_grad:
-                    loss.backward()
-                aggregator.update(metrics, 8)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+        for options, loss, _ in self._guarded_steps("cuda", torch.float32, _cuda_syncs_raise):
+            assert loss.is_cuda, options
 
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
     def test_cuda_matches_cpu(self):
