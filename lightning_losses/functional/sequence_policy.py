@@ -180,7 +180,10 @@ def masked_token_log_probs(
     positions the logits score, see ``shift``): the weights in ``dtype`` (ones without a mask) and
     :func:`taken_log_probs`, 0 where the weight is 0 (a masked token may hold any id)."""
     check_class_targets("input_ids", tokens, next_token_logits.shape[-1], mask=mask)
-    weights = torch.ones(tokens.shape, dtype=dtype, device=tokens.device) if mask is None else mask.to(dtype)
+    if mask is None:  # every token counts: no selects (on a GPU each `where` and its zeros is a kernel)
+        weights = torch.ones(tokens.shape, dtype=dtype, device=tokens.device)
+        return taken_log_probs(next_token_logits, tokens, shift, dtype), weights
+    weights = mask.to(dtype)
     valid = weights != 0
     safe_tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
     taken = taken_log_probs(next_token_logits, safe_tokens, shift, dtype)
