@@ -422,8 +422,10 @@ def _cross_entropy(
         with torch.no_grad():
             if valid is not None:
                 correct = torch.where(hits, valid, 0.0).sum()
-            else:
-                correct = hits.sum() if keep is None else (hits & keep).sum()
+            elif keep is None or (not fused and not 0 <= ignore_index < num_classes):
+                correct = hits.sum()  # argmax of the logits is a class: an ignored target never hits
+            else:  # the fused path's hits are of class 0 where the target is ignored
+                correct = (hits & keep).sum()
             accuracy = divide_by_count(correct, count)  # float32 from integer counts
             accuracy = accuracy if accuracy.dtype == dtype else accuracy.to(dtype)
     if global_valid_toks is not None:

@@ -124,6 +124,21 @@ def test_accuracy_is_argmax_with_its_first_index_winning_ties():
     torch.testing.assert_close(metrics["accuracy"], expected)
 
 
+@pytest.mark.parametrize("ignore_index", [-100, 0], ids=["not-a-class", "class-0"])
+def test_accuracy_without_a_mask_leaves_ignored_targets_out(ignore_index):
+    """Ignored targets count neither as hits nor in the denominator; with ``ignore_index`` a class, an
+    ignored row whose argmax is that class is no hit either."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(16, 5, generator=g)
+    target = torch.randint(1, 5, (16,), generator=g)
+    target[[2, 7, 11]] = ignore_index
+    logits[[2, 7, 11], 0] = 10.0  # argmax 0 in the ignored rows
+    metrics = CrossEntropyLoss(ignore_index=ignore_index)(logits, target).metrics
+    counted = target != ignore_index
+    expected = (logits.argmax(-1) == target)[counted].float().mean()
+    torch.testing.assert_close(metrics["accuracy"], expected)
+
+
 def test_confident_logits_stay_finite():
     logits = torch.tensor([[1e4, -1e4], [-1e4, 1e4]], requires_grad=True)
     loss = cross_entropy(logits, torch.tensor([1, 1]))
